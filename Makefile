@@ -1,0 +1,26 @@
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.tokensieve-installed
+
+.PHONY: install test demo clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+# torch first, from the pinned version, so nothing later can pull a CUDA build.
+$(STAMP): $(PY) pyproject.toml constraints.txt
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+demo: $(STAMP)
+	$(PY) -m tokensieve.cli demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -1,0 +1,13 @@
+"""tokensieve: visual token compression for Hugging Face vision-language models.
+
+Importing this package changes nothing in transformers; hooks live on the model instance that
+`compress` is given and are removed by the handle it returns.
+"""
+from . import ops
+from .api import CompressionHandle, compress
+from .methods import ApET
+from .models import supported_model_types
+
+__version__ = "0.1.0"
+
+__all__ = ["ApET", "CompressionHandle", "compress", "ops", "supported_model_types", "__version__"]

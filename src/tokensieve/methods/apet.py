@@ -1,0 +1,103 @@
+"""ApET: Approximation-Error guided Token compression (arXiv 2602.19870), ALGORITHMS.md section 1."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..ops.apet import apet_plan
+from ..ops.plan import ReductionPlan
+from .base import Schedule, check_budget, mean_budget
+
+
+@dataclass(frozen=True)
+class ApET:
+    """Keep the visual tokens a few basis tokens reconstruct worst; merge the others into them.
+
+    Paper: https://arxiv.org/abs/2602.19870. Attention-free: SDPA and FlashAttention stay on.
+
+    Budget semantics: `budget` (tokens) or `ratio` (fraction of an item's visual tokens) is the
+    mean number of visual tokens per decoder layer, per image. By default stage 1 (vision side,
+    before the language model) keeps round(1.5 * b) and stage 2 (on the hidden states after
+    decoder layer `layer`, default L // 2) keeps what makes the mean over the L layers equal b:
+    0.5 * b when layer = L / 2 (64 -> 96 then 32; 128 -> 192 then 64; 192 -> 288 then 96).
+    If 1.5 * b exceeds the image's N tokens, stage 1 keeps N and stage 2 the rest of the budget;
+    `ratio=1.0` keeps everything. `stage1`/`stage2` (tokens per image) set the stages directly
+    instead of a budget (`stage2=None` then means no stage 2). Images with fewer tokens than a
+    stage's count keep all of them. Original positions are kept (gaps stay).
+
+    Attributes:
+        num_basis: basis tokens found by farthest point sampling (k).
+        eps: ridge regulariser of the reconstruction.
+        basis_blend: weight of the basis features in the basis slots; None takes the model
+            family's reference value (1.0 for LLaVA, 0.5 for Qwen).
+        merge: average every dropped token into its cosine-nearest kept token.
+        seed: int: the first FPS pick is the index drawn from a generator seeded with it (the
+            reference draws it at random); None: the token farthest from the token mean.
+    """
+
+    budget: float | None = None
+    ratio: float | None = None
+    stage1: int | None = None
+    stage2: int | None = None
+    layer: int | None = None
+    num_basis: int = 10
+    eps: float = 1e-5
+    basis_blend: float | None = None
+    merge: bool = True
+    seed: int | None = 0
+
+    def __post_init__(self) -> None:
+        explicit = self.stage1 is not None or self.stage2 is not None
+        if explicit and (self.budget is not None or self.ratio is not None):
+            raise ValueError("give a budget/ratio or explicit stage1/stage2 token counts, not both")
+        if not explicit and self.budget is None and self.ratio is None:
+            raise ValueError("ApET needs a budget (e.g. budget=64), a ratio (e.g. ratio=0.25) or stage1/stage2 counts")
+        check_budget(self.budget, self.ratio)
+        if self.stage2 is not None and self.stage1 is None:
+            raise ValueError("stage2 needs stage1 as well (stage 1 keeps at least as many tokens)")
+        for name in ("stage1", "stage2"):
+            value = getattr(self, name)
+            if value is not None and value < self.num_basis + 1:
+                raise ValueError(f"{name}={value} must be at least num_basis + 1 = {self.num_basis + 1}")
+        if self.stage2 is not None and self.stage2 > self.stage1:
+            raise ValueError(f"stage2={self.stage2} cannot keep more than stage1={self.stage1}")
+        if self.num_basis < 1:
+            raise ValueError(f"num_basis must be at least 1, got {self.num_basis}")
+        if not self.eps > 0:
+            raise ValueError(f"eps must be positive, got {self.eps}")
+        if self.basis_blend is not None and not 0.0 <= self.basis_blend <= 1.0:
+            raise ValueError(f"basis_blend must be in [0, 1], got {self.basis_blend}")
+
+    def stage2_layer(self, num_layers: int) -> int:
+        layer = num_layers // 2 if self.layer is None else self.layer
+        if not 1 <= layer < num_layers:
+            raise ValueError(f"layer must be in [1, {num_layers - 1}] for a {num_layers}-layer model, got {layer}")
+        return layer
+
+    def schedule(self, num_layers: int, family_defaults: dict) -> Schedule:
+        layer = self.stage2_layer(num_layers)
+        blend = self.basis_blend if self.basis_blend is not None else family_defaults.get("basis_blend", 1.0)
+
+        def stage1_keep(n: int) -> int:
+            if self.stage1 is not None:
+                return min(n, self.stage1)
+            return min(n, round(1.5 * mean_budget(self.budget, self.ratio, n)))
+
+        def stage2_keep(n: int) -> int:
+            first = stage1_keep(n)
+            if self.stage1 is not None:
+                return first if self.stage2 is None else min(first, self.stage2)
+            wanted = mean_budget(self.budget, self.ratio, n) * num_layers - first * layer
+            return max(0, min(first, round(wanted / (num_layers - layer))))
+
+        def plan(x: torch.Tensor, keep: int, stage: str) -> ReductionPlan:
+            return apet_plan(x, keep, self.num_basis, self.eps, blend, self.merge, start=self._start(x))
+
+        return Schedule(num_layers, stage1_keep, layer, stage2_keep, plan, min_keep=self.num_basis + 1)
+
+    def _start(self, x: torch.Tensor) -> int | None:
+        if self.seed is None:
+            return None
+        generator = torch.Generator().manual_seed(self.seed)
+        return int(torch.randint(x.shape[1], (1,), generator=generator))

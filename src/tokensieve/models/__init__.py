@@ -1,0 +1,29 @@
+"""Model families, found by `config.model_type`."""
+from __future__ import annotations
+
+import torch
+
+from .base import Family, ModelParts
+from .llava import LlavaFamily
+
+FAMILIES: tuple[Family, ...] = (LlavaFamily(),)
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for family in FAMILIES for t in family.model_types)
+
+
+def family_for(model: torch.nn.Module) -> Family:
+    """The family of a transformers VLM instance; ValueError naming the supported types otherwise."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    raise ValueError(
+        f"tokensieve does not support model_type {model_type!r} ({type(model).__name__}); "
+        f"supported model_types: {', '.join(supported_model_types())}"
+    )
+
+
+__all__ = ["FAMILIES", "Family", "ModelParts", "family_for", "supported_model_types"]

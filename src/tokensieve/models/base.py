@@ -1,0 +1,93 @@
+"""What the runtime needs to know about a model family, and the shared defaults."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..runtime.hooks import HookSet
+from ..runtime.sequence import RowSelection
+
+
+@dataclass(frozen=True)
+class ModelParts:
+    """Where things are in one model instance.
+
+    Attributes:
+        outer: the module that receives input_ids and merges the visual features (model.model).
+        language_model: the decoder stack's module (model.model.language_model).
+        layers: its decoder layers.
+        text_config: the language model's config.
+    """
+
+    outer: torch.nn.Module
+    language_model: torch.nn.Module
+    layers: torch.nn.ModuleList
+    text_config: Any
+
+
+class Family:
+    """A model family: where the visual tokens are made, and which placeholder tokens hold them.
+
+    Subclasses set `model_types`, `apet_defaults` and implement `install_stage1`.
+    """
+
+    model_types: tuple[str, ...] = ()
+    apet_defaults: dict = {}
+
+    def parts(self, model: torch.nn.Module) -> ModelParts:
+        outer = model.model
+        language_model = outer.language_model
+        return ModelParts(outer, language_model, language_model.layers, language_model.config)
+
+    def token_ids(self, config: Any) -> dict[str, int]:
+        """Placeholder token id of each modality, e.g. {"image": 32000}."""
+        return {"image": config.image_token_id}
+
+    def nominal_tokens(self, config: Any) -> int | None:
+        """Visual tokens of one typical item, for checks made before any input is seen (None: unknown)."""
+        return None
+
+    def check(self, model: torch.nn.Module) -> None:
+        """ValueError if this model instance cannot be compressed (called before anything is touched)."""
+
+    def visual_positions(
+        self, model: torch.nn.Module, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None
+    ) -> dict[str, torch.Tensor] | None:
+        """(B, S) bool placeholder mask per modality, from input_ids or by matching embeddings."""
+        ids = self.token_ids(model.config)
+        if input_ids is not None:
+            return {modality: input_ids == token for modality, token in ids.items()}
+        if inputs_embeds is None:
+            return None
+        table = model.get_input_embeddings()
+        positions = {}
+        for modality, token in ids.items():
+            row = table(torch.tensor(token, device=inputs_embeds.device)).to(inputs_embeds.dtype)
+            positions[modality] = (inputs_embeds == row).all(-1)
+        return positions
+
+    def install_stage1(self, model: torch.nn.Module, session: Any, hooks: HookSet) -> None:
+        raise NotImplementedError
+
+    def gather_language_kwargs(self, kwargs: dict, selection: RowSelection, flat_keep: torch.Tensor) -> None:
+        """Apply the entry selection to family-specific language-model kwargs (in place)."""
+
+
+def square_grid(n: int) -> tuple[int, int] | None:
+    side = int(round(n**0.5))
+    return (side, side) if side * side == n else None
+
+
+def scatter_rows(reduced: torch.Tensor, kept_index: torch.Tensor, n: int) -> torch.Tensor:
+    """Put reduced (G, k, D) back at kept_index (G, k) of a zero (G, n, D) tensor."""
+    full = reduced.new_zeros(reduced.shape[0], n, reduced.shape[-1])
+    return full.scatter(1, kept_index[..., None].expand(-1, -1, reduced.shape[-1]), reduced)
+
+
+def keep_mask(kept_index: torch.Tensor, n: int) -> torch.Tensor:
+    """(k,) kept indices -> (n,) bool."""
+    mask = torch.zeros(n, dtype=torch.bool, device=kept_index.device)
+    mask[kept_index] = True
+    return mask

@@ -1,0 +1,323 @@
+"""The hooks of one `compress` call: vision-side stage 1, the language model's entry, stage 2, decoding."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from transformers.masking_utils import create_causal_mask
+
+from ..methods.base import Schedule
+from ..ops.plan import ReductionPlan
+from .hooks import HookSet
+from .sequence import compact_rows
+from .state import Level, SequenceState, Stats, VisualItem
+
+
+def _cache_length(cache: Any, layer: int = 0) -> int:
+    if cache is None:
+        return 0
+    return int(cache.get_seq_length(layer))
+
+
+class Session:
+    """Runtime state of one compressed model instance. Knows nothing of scoring: the schedule does.
+
+    Flow of a prefill: the family's stage-1 hooks call `plan_items` and `add_item` while the vision
+    side runs; `_enter_language_model` drops the rows stage 1 did not keep from every tensor aligned
+    with the sequence; the hook after layer K-1 runs stage 2 on the hidden states; the pre-hooks of
+    the later layers hand them the matching masks and rotary tables. During decoding the same row
+    selections are applied to the attention-mask columns of the prefill.
+    """
+
+    def __init__(self, model: torch.nn.Module, family: Any, schedule: Schedule) -> None:
+        self.model = model
+        self.family = family
+        self.schedule = schedule
+        self.parts = family.parts(model)
+        self.hooks = HookSet()
+        self.items: dict[str, list[VisualItem]] = {}
+        self.visual_positions: dict[str, torch.Tensor] | None = None
+        self.sequence: SequenceState | None = None
+        self.stats: Stats | None = None
+
+    # ------------------------------------------------------------------ install / remove
+    def install(self) -> None:
+        try:
+            self.family.install_stage1(self.model, self, self.hooks)
+            self.hooks.pre(self.parts.outer, self._capture_input_ids)
+            self.hooks.pre(self.parts.language_model, self._enter_language_model)
+            for index, layer in enumerate(self.parts.layers):
+                self.hooks.pre(layer, self._layer_pre_hook(index))
+            if self.schedule.stage2_layer is not None:
+                self.hooks.post(self.parts.layers[self.schedule.stage2_layer - 1], self._stage2_hook)
+        except BaseException:
+            self.hooks.remove()
+            raise
+
+    def remove(self) -> None:
+        self.hooks.remove()
+        self.items, self.visual_positions, self.sequence = {}, None, None
+
+    # ------------------------------------------------------------------ stage 1 (called by families)
+    def stage1_keep(self, budget_tokens: int) -> int:
+        return self.schedule.stage1_keep(budget_tokens)
+
+    def plan_items(self, features: Sequence[torch.Tensor], keeps: Sequence[int]) -> list[ReductionPlan | None]:
+        """Stage-1 plans for items of (n_i, D) features keeping keeps[i] each (None: keep all).
+
+        Items of equal (n, keep) are reduced together as one batch.
+        """
+        plans: list[ReductionPlan | None] = [None] * len(features)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (x, keep) in enumerate(zip(features, keeps)):
+            if keep < x.shape[0]:
+                groups.setdefault((x.shape[0], keep), []).append(i)
+        for (_, keep), members in groups.items():
+            plan = self.schedule.plan(torch.stack([features[i] for i in members]), keep, "stage1")
+            for j, i in enumerate(members):
+                plans[i] = ReductionPlan(
+                    plan.kept_index[j : j + 1], None if plan.weights is None else plan.weights[j : j + 1]
+                )
+        return plans
+
+    def begin_items(self, modality: str) -> None:
+        """A new encoding of this modality starts: forget the items of the previous one."""
+        self.items[modality] = []
+
+    def add_item(self, item: VisualItem) -> None:
+        self.items.setdefault(item.modality, []).append(item)
+
+    # ------------------------------------------------------------------ hooks
+    def _capture_input_ids(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        self.visual_positions = self.family.visual_positions(self.model, input_ids, embeds)
+
+    def _enter_language_model(self, module, args, kwargs):
+        if args:
+            raise ValueError("tokensieve expects the language model to be called with keyword arguments")
+        cache = kwargs.get("past_key_values")
+        if _cache_length(cache) == 0:
+            return args, self._prefill_entry(kwargs)
+        if self.sequence is None:
+            return None
+        return args, self._decode_entry(kwargs, cache)
+
+    def _prefill_entry(self, kwargs: dict) -> dict:
+        self.sequence, self.stats = None, None
+        embeds = kwargs["inputs_embeds"]
+        batch, length = embeds.shape[:2]
+        layout = self._visual_layout(batch, length, embeds.device)
+        if layout is None:
+            return kwargs
+        keep, item, slot, pinned, flat_keep, items = layout
+        selection = compact_rows(keep)
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            mask = torch.ones(batch, length, dtype=torch.long, device=embeds.device)
+        if mask.dim() != 2:
+            raise ValueError("tokensieve needs a 2-D attention mask (or None); 4-D or compiled-cache masks are not supported")
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            positions = torch.arange(length, device=embeds.device)[None].expand(batch, -1)
+        level = Level(0, selection, item, slot, pinned, mask).narrowed(selection, 0)
+        out = dict(kwargs)
+        out["inputs_embeds"] = selection.gather(embeds, 1)
+        out["attention_mask"] = level.mask
+        out["position_ids"] = selection.gather(positions, -1)
+        self.family.gather_language_kwargs(out, selection, flat_keep)
+        self.sequence = SequenceState(original_length=length, levels=[level], items=items)
+        self.stats = Stats(
+            tokens_per_layer=torch.zeros(batch, len(self.parts.layers), dtype=torch.long),
+            kept=[{"stage1": it.keep.nonzero().flatten()} for it in items],
+            rows=self._item_rows(item, len(items)),
+            items=items,
+        )
+        return out
+
+    def _visual_layout(self, batch: int, length: int, device: torch.device):
+        """Per-row visual bookkeeping of the input sequence, or None when there is nothing visual.
+
+        Returns keep, item, slot, pinned (each (B, S)), the flat stage-1 keep over all visual
+        positions in row-major order, and the items in sequence order.
+        """
+        if self.visual_positions is None:
+            return None
+        item = torch.full((batch, length), -1, dtype=torch.long, device=device)
+        slot = torch.zeros(batch, length, dtype=torch.long, device=device)
+        pinned = torch.zeros(batch, length, dtype=torch.bool, device=device)
+        keep = torch.ones(batch, length, dtype=torch.bool, device=device)
+        items: list[VisualItem] = []
+        found = False
+        for modality, positions in self.visual_positions.items():
+            positions = positions.to(device)
+            count = int(positions.sum())
+            if count == 0:
+                continue
+            modal_items = self.items.get(modality, [])
+            if sum(it.keep.numel() for it in modal_items) != count:
+                if not modal_items:
+                    continue  # features not compressed by us (e.g. passed in by the caller): leave as is
+                raise RuntimeError(
+                    f"{count} {modality} placeholder tokens in the input but the last {modality} encoding produced "
+                    f"{sum(it.keep.numel() for it in modal_items)} features; encode the images of this input again"
+                )
+            found = True
+            offset = len(items)
+            items.extend(modal_items)
+            item[positions] = torch.cat(
+                [torch.full((it.keep.numel(),), offset + i, device=device) for i, it in enumerate(modal_items)]
+            )
+            slot[positions] = torch.cat([torch.arange(it.keep.numel(), device=device) for it in modal_items])
+            pinned[positions] = torch.cat([self._pinned(it).to(device) for it in modal_items])
+            keep[positions] = torch.cat([it.keep.to(device) for it in modal_items])
+        if not found:
+            return None
+        visual = item >= 0
+        order = self._sequence_order(item, len(items))
+        items = [items[i] for i in order]
+        remap = torch.empty(len(order), dtype=torch.long, device=device)
+        remap[torch.tensor(order, device=device)] = torch.arange(len(order), device=device)
+        item = torch.where(visual, remap[item.clamp(min=0)], item)
+        return keep, item, slot, pinned, keep[visual], items
+
+    @staticmethod
+    def _pinned(item: VisualItem) -> torch.Tensor:
+        return item.pinned if item.pinned is not None else torch.zeros_like(item.keep)
+
+    @staticmethod
+    def _sequence_order(item: torch.Tensor, count: int) -> list[int]:
+        """Item ids sorted by where each first appears in the batch (row-major)."""
+        flat = item.flatten()
+        first = [int((flat == i).nonzero()[0]) for i in range(count)]
+        return sorted(range(count), key=first.__getitem__)
+
+    @staticmethod
+    def _item_rows(item: torch.Tensor, count: int) -> list[int]:
+        return [int((item == i).any(dim=1).nonzero()[0]) for i in range(count)]
+
+    def _decode_entry(self, kwargs: dict, cache: Any) -> dict:
+        state = self.sequence
+        level = state.levels[0]
+        expected = level.length + state.decoded
+        if _cache_length(cache) != expected:
+            raise RuntimeError(
+                f"the KV cache holds {_cache_length(cache)} tokens but the compressed prefill left {expected}; "
+                "a cache from another prompt cannot be continued under this handle"
+            )
+        embeds = kwargs["inputs_embeds"]
+        batch, queries = embeds.shape[:2]
+        mask = kwargs.get("attention_mask")
+        total = state.original_length + state.decoded + queries
+        if mask is None:
+            state.new_columns = torch.ones(batch, state.decoded + queries, dtype=level.mask.dtype, device=embeds.device)
+            prefix = level.mask
+        elif mask.dim() == 2 and mask.shape[1] == total:
+            state.new_columns = mask[:, state.original_length :]
+            prefix = level.selection.gather_mask(mask[:, : state.original_length])
+        else:
+            raise ValueError(
+                f"attention_mask of shape {tuple(mask.shape)} does not cover the {total} tokens of the uncompressed "
+                "sequence; pass the full 2-D mask, as generate does"
+            )
+        out = dict(kwargs)
+        out["attention_mask"] = torch.cat([prefix, state.new_columns.to(prefix.dtype)], dim=1)
+        if kwargs.get("position_ids") is None:
+            start = state.original_length + state.decoded
+            out["position_ids"] = torch.arange(start, start + queries, device=embeds.device)[None].expand(batch, -1)
+        state.decoded += queries
+        return out
+
+    # ------------------------------------------------------------------ per layer
+    def _layer_pre_hook(self, index: int):
+        def hook(module, args, kwargs):
+            state = self.sequence
+            if state is None:
+                return None
+            level = state.level_of(index)
+            hidden = args[0] if args else kwargs["hidden_states"]
+            prefill = state.decoded == 0
+            if prefill:
+                if hidden.shape[1] != level.length:
+                    raise RuntimeError(f"layer {index} received {hidden.shape[1]} rows, expected {level.length}")
+                self.stats.tokens_per_layer[:, index] = level.visual_count().cpu()
+            if level.first_layer == 0:
+                return None
+            return args, self._narrow_layer_kwargs(index, level, hidden, kwargs, prefill)
+        return hook
+
+    def _narrow_layer_kwargs(self, index: int, level: Level, hidden: torch.Tensor, kwargs: dict, prefill: bool):
+        if index == level.first_layer:
+            level.layer_mask = self._layer_mask(level, hidden, kwargs.get("past_key_values"), prefill)
+        out = dict(kwargs)
+        out["attention_mask"] = level.layer_mask
+        if prefill:
+            rotary = kwargs.get("position_embeddings")
+            if rotary is not None:
+                if level.rotary is None or level.rotary[0] is not rotary:
+                    level.rotary = (rotary, tuple(self._narrow_from_level0(level, t, -2) for t in rotary))
+                out["position_embeddings"] = level.rotary[1]
+            if kwargs.get("position_ids") is not None:
+                out["position_ids"] = self._narrow_from_level0(level, kwargs["position_ids"], -1)
+        return out
+
+    def _narrow_from_level0(self, level: Level, x: torch.Tensor, seq_dim: int) -> torch.Tensor:
+        for step in self.sequence.levels[1 : self.sequence.levels.index(level) + 1]:
+            x = step.selection.gather(x, seq_dim)
+        return x
+
+    def _layer_mask(self, level: Level, hidden: torch.Tensor, cache: Any, prefill: bool):
+        mask = level.mask
+        if not prefill:
+            mask = torch.cat([mask, self.sequence.new_columns.to(mask.dtype)], dim=1)
+        return create_causal_mask(
+            config=self.parts.text_config,
+            inputs_embeds=hidden,
+            attention_mask=mask,
+            past_key_values=cache,
+            layer_idx=level.first_layer,
+        )
+
+    # ------------------------------------------------------------------ stage 2
+    def _stage2_hook(self, module, args, kwargs, output):
+        state = self.sequence
+        if state is None or state.decoded > 0:
+            return None
+        hidden = output[0] if isinstance(output, tuple) else output
+        level = state.levels[-1]
+        keep, hidden = self._stage2_keep(level, hidden, state.items)
+        selection = compact_rows(keep)
+        next_level = level.narrowed(selection, self.schedule.stage2_layer)
+        state.levels.append(next_level)
+        for i, item_kept in enumerate(self.stats.kept):
+            rows = next_level.item == i
+            item_kept["stage2"] = next_level.slot[rows].sort().values.cpu()
+        hidden = selection.gather(hidden, 1)
+        return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+
+    def _stage2_keep(self, level: Level, hidden: torch.Tensor, items: list[VisualItem]):
+        """Run the stage-2 plans on every item's unpinned visual rows.
+
+        Returns keep (B, S) bool and the hidden states with the kept rows replaced by the plan's output.
+        """
+        keep = torch.ones(level.item.shape, dtype=torch.bool, device=hidden.device)
+        hidden = hidden.clone()
+        reducible = (level.item >= 0) & ~level.pinned
+        groups: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
+        for i, item in enumerate(items):
+            rows = (level.item == i) & reducible
+            batch_row = int(rows.any(dim=1).nonzero()[0])
+            positions = rows[batch_row].nonzero().flatten()
+            target = min(positions.numel(), self.schedule.stage2_keep(item.budget_tokens))
+            if target < positions.numel():
+                groups.setdefault((positions.numel(), target), []).append((batch_row, positions))
+        for (_, target), members in groups.items():
+            x = torch.stack([hidden[b, p] for b, p in members])
+            plan = self.schedule.plan(x, target, "stage2")
+            reduced = plan.apply(x)
+            for j, (b, positions) in enumerate(members):
+                kept_positions = positions[plan.kept_index[j]]
+                keep[b, positions] = False
+                keep[b, kept_positions] = True
+                hidden[b, kept_positions] = reduced[j]
+        return keep, hidden

@@ -1,0 +1,112 @@
+"""What the runtime remembers between the vision side, the language model's layers and decoding."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .sequence import RowSelection
+
+
+@dataclass
+class VisualItem:
+    """One image (or video) as the language model sees it: its run of placeholder tokens.
+
+    Attributes:
+        modality: "image" or "video".
+        keep: (n,) bool over the item's n placeholder tokens: kept by stage 1.
+        pinned: (n,) bool or None: structural tokens (image newlines) every stage keeps.
+        budget_tokens: token count the budget is measured against (n less the pinned tokens).
+        grid: (rows, cols) of the token grid where the item is one plain grid, for pictures.
+    """
+
+    modality: str
+    keep: torch.Tensor
+    pinned: torch.Tensor | None = None
+    budget_tokens: int | None = None
+    grid: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.budget_tokens is None:
+            pinned = 0 if self.pinned is None else int(self.pinned.sum())
+            self.budget_tokens = self.keep.numel() - pinned
+
+
+@dataclass
+class Level:
+    """The sequence seen by decoder layers first_layer.. (until the next level).
+
+    Attributes:
+        first_layer: index of the first decoder layer that sees this sequence.
+        selection: rows kept from the previous level (or from the input, for level 0).
+        item: (B, S_l) long: the visual item each row belongs to, -1 for text.
+        slot: (B, S_l) long: the row's index among its item's placeholder tokens.
+        pinned: (B, S_l) bool: rows no stage may drop.
+        mask: (B, S_l) the 2-D attention mask of the prefill rows.
+    """
+
+    first_layer: int
+    selection: RowSelection
+    item: torch.Tensor
+    slot: torch.Tensor
+    pinned: torch.Tensor
+    mask: torch.Tensor
+    layer_mask: object = None  # 4-D mask (or None) built at first_layer for the current forward
+    rotary: tuple | None = None  # (source, gathered) position embeddings of the current forward
+
+    @property
+    def length(self) -> int:
+        return self.item.shape[1]
+
+    def visual_count(self) -> torch.Tensor:
+        """(B,) visual rows each batch row holds at this level."""
+        return ((self.item >= 0) & self.selection.valid).sum(dim=1)
+
+    def narrowed(self, selection: RowSelection, first_layer: int) -> "Level":
+        """The next level: these rows of this one."""
+        return Level(
+            first_layer=first_layer,
+            selection=selection,
+            item=selection.gather(self.item, 1).masked_fill(~selection.valid, -1),
+            slot=selection.gather(self.slot, 1),
+            pinned=selection.gather(self.pinned, 1) & selection.valid,
+            mask=selection.gather_mask(self.mask),
+        )
+
+
+@dataclass
+class SequenceState:
+    """A compressed prefill and the decoding that follows it on the same cache."""
+
+    original_length: int
+    levels: list[Level]
+    items: list[VisualItem]
+    decoded: int = 0
+    new_columns: torch.Tensor | None = None  # (B, decoded + q) mask columns past the prefill
+
+    def level_of(self, layer: int) -> Level:
+        return [level for level in self.levels if level.first_layer <= layer][-1]
+
+
+@dataclass
+class Stats:
+    """What the last compressed prefill did, per batch row and per visual item.
+
+    Attributes:
+        tokens_per_layer: (B, L) long: visual tokens each decoder layer processed, counted on the
+            hidden states each layer actually received.
+        kept: one dict per visual item (in sequence order): stage name -> (k,) long indices of the
+            item's placeholder tokens that stage kept.
+        rows: the batch row of each visual item.
+        items: the VisualItem records (modality, grid, ...).
+    """
+
+    tokens_per_layer: torch.Tensor
+    kept: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
+    items: list[VisualItem] = field(default_factory=list)
+
+    @property
+    def mean_tokens_per_layer(self) -> torch.Tensor:
+        """(B,) float: visual tokens per decoder layer, averaged over the layers."""
+        return self.tokens_per_layer.float().mean(dim=1)
