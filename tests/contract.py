@@ -1,0 +1,135 @@
+"""The test contract every family and method must meet (DESIGN.md), as reusable checks.
+
+Each check compares the compressed model against an independent reference: the untouched model,
+the same prompt alone, generation without a cache, or the method's schedule.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+import tokensieve as ts
+
+
+def forward_logits(model, inputs: dict) -> torch.Tensor:
+    """Last-position logits (B, V) of one forward pass."""
+    with torch.no_grad():
+        return model(**inputs).logits[:, -1].float()
+
+
+def greedy(model, inputs: dict, steps: int = 5, use_cache: bool = True) -> torch.Tensor:
+    """The `steps` new tokens of greedy generation, (B, steps)."""
+    length = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, use_cache=use_cache)
+    return out[:, length:]
+
+
+def module_snapshot(model) -> dict[str, tuple]:
+    """Per module: its attribute names and how many hooks of each kind it carries."""
+    snapshot = {}
+    for name, module in model.named_modules():
+        hooks = tuple(
+            len(getattr(module, attr))
+            for attr in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+                         "_forward_pre_hooks_with_kwargs", "_backward_hooks")
+        )
+        snapshot[name] = (tuple(sorted(vars(module))), hooks)
+    return snapshot
+
+
+def check_keep_all(model, inputs: dict, method) -> None:
+    """Keeping every token gives the untouched model's logits (the surgery path still runs)."""
+    reference = forward_logits(model, inputs)
+    with ts.compress(model, method) as handle:
+        compressed = forward_logits(model, inputs)
+    assert handle.stats is not None, "the runtime did not see the visual tokens"
+    torch.testing.assert_close(compressed, reference, rtol=0, atol=1e-5)
+
+
+def check_removal(model, inputs: dict, method, hooked_modules: Callable) -> None:
+    """After remove() (also after an exception inside `with`) the model is as before.
+
+    hooked_modules(model) names the modules the hooks must have been on; the check first proves
+    they did carry hooks while compressed, so a removal test cannot pass by checking the wrong ones.
+    """
+    before = module_snapshot(model)
+    reference = forward_logits(model, inputs)
+    handle = ts.compress(model, method)
+    during = module_snapshot(model)
+    for name in hooked_modules(model):
+        assert during[name] != before[name], f"expected hooks on {name}"
+    changed = forward_logits(model, inputs)
+    assert not torch.allclose(changed, reference), "compression changed nothing; the removal check would be vacuous"
+    handle.remove()
+    assert module_snapshot(model) == before
+    torch.testing.assert_close(forward_logits(model, inputs), reference, rtol=0, atol=0)
+    try:
+        with ts.compress(model, method):
+            model(**{**inputs, "input_ids": inputs["input_ids"][:, :3]})  # placeholders cut: raises
+    except (ValueError, RuntimeError, IndexError):
+        pass
+    else:
+        raise AssertionError("a forward with cut placeholders should have raised")
+    assert module_snapshot(model) == before
+    torch.testing.assert_close(forward_logits(model, inputs), reference, rtol=0, atol=0)
+
+
+def check_cache_generation(model, inputs: dict, method, steps: int = 5) -> torch.Tensor:
+    """Generation with the KV cache equals generation without it, and its first token equals the
+    compressed forward pass's argmax. Returns the tokens."""
+    with ts.compress(model, method):
+        first = forward_logits(model, inputs).argmax(-1)
+        cached = greedy(model, inputs, steps, use_cache=True)
+        uncached = greedy(model, inputs, steps, use_cache=False)
+    assert torch.equal(cached[:, 0], first)
+    assert torch.equal(cached, uncached), f"cached {cached.tolist()} != uncached {uncached.tolist()}"
+    return cached
+
+
+def check_batch_equals_rows(model, batch: dict, rows: list[dict], method, steps: int = 4) -> None:
+    """A left-padded batch gives each prompt the logits and tokens it gets alone."""
+    with ts.compress(model, method):
+        batch_logits = forward_logits(model, batch)
+        batch_tokens = greedy(model, batch, steps)
+        for i, row in enumerate(rows):
+            torch.testing.assert_close(batch_logits[i : i + 1], forward_logits(model, row), rtol=1e-4, atol=1e-4)
+            assert torch.equal(batch_tokens[i : i + 1], greedy(model, row, steps))
+
+
+def check_schedule_counts(model, inputs: dict, method, budget_tokens: list[int]) -> ts.CompressionHandle:
+    """Visual tokens each decoder layer processed, per batch row, equal the schedule's."""
+    with ts.compress(model, method) as handle:
+        forward_logits(model, inputs)
+    expected = torch.tensor([handle.schedule.tokens_per_layer(n) for n in budget_tokens])
+    assert torch.equal(handle.stats.tokens_per_layer, expected), (handle.stats.tokens_per_layer, expected)
+    return handle
+
+
+def check_attention_implementations(make_model: Callable, inputs: dict, method, steps: int = 4) -> None:
+    """SDPA and eager attention give the same kept tokens, logits and generated tokens."""
+    results = []
+    for attn in ("sdpa", "eager"):
+        model = make_model(attn)
+        with ts.compress(model, method) as handle:
+            logits = forward_logits(model, inputs)
+            tokens = greedy(model, inputs, steps)
+        results.append((logits, tokens, handle.stats.kept))
+    (l1, t1, k1), (l2, t2, k2) = results
+    torch.testing.assert_close(l1, l2, rtol=1e-4, atol=1e-4)
+    assert torch.equal(t1, t2)
+    for a, b in zip(k1, k2):
+        assert a.keys() == b.keys() and all(torch.equal(a[s], b[s]) for s in a)
+
+
+def check_save_load_roundtrip(model, inputs: dict, method, directory) -> None:
+    """A wrapped-then-removed model saves and loads back unchanged."""
+    reference = forward_logits(model, inputs)
+    with ts.compress(model, method):
+        forward_logits(model, inputs)
+    model.save_pretrained(directory)
+    loaded = type(model).from_pretrained(directory, attn_implementation=model.config._attn_implementation).eval()
+    torch.testing.assert_close(forward_logits(loaded, inputs), reference, rtol=0, atol=0)
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
