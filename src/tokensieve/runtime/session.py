@@ -240,7 +240,7 @@ class Session:
             if prefill:
                 if hidden.shape[1] != level.length:
                     raise RuntimeError(f"layer {index} received {hidden.shape[1]} rows, expected {level.length}")
-                self.stats.tokens_per_layer[:, index] = level.visual_count().cpu()
+                self.stats.tokens_per_layer[:, index] = level.visual_count()
             if level.first_layer == 0:
                 return None
             return args, self._narrow_layer_kwargs(index, level, hidden, kwargs, prefill)

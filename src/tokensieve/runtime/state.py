@@ -53,14 +53,17 @@ class Level:
     mask: torch.Tensor
     layer_mask: object = None  # 4-D mask (or None) built at first_layer for the current forward
     rotary: tuple | None = None  # (source, gathered) position embeddings of the current forward
+    _count: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
         return self.item.shape[1]
 
     def visual_count(self) -> torch.Tensor:
-        """(B,) visual rows each batch row holds at this level."""
-        return ((self.item >= 0) & self.selection.valid).sum(dim=1)
+        """(B,) visual rows each batch row holds at this level (on the CPU, computed once)."""
+        if self._count is None:
+            self._count = ((self.item >= 0) & self.selection.valid).sum(dim=1).cpu()
+        return self._count
 
     def narrowed(self, selection: RowSelection, first_layer: int) -> "Level":
         """The next level: these rows of this one."""

@@ -1,0 +1,119 @@
+"""Replay: feed the model exactly the tokens another method kept, with no scoring ("oracle" timing).
+
+Running the same runtime with `Replay` instead of the method it replays measures the prefill of
+the same model on the same kept tokens, with the method's scoring cost removed; the ratio of the
+two prefill times is the method's overhead.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..ops.plan import ReductionPlan, selection_plan
+from .base import Schedule
+
+STAGES = ("stage1", "stage2")
+
+
+@dataclass(frozen=True, eq=False)
+class Replay:
+    """A method whose plans are plain selections of recorded kept indices.
+
+    Meant for timing single forwards of the input the indices were recorded on (no merging, no
+    scoring: the kept rows are copied as they are, so outputs differ from a merging method's; the
+    tokens each layer processes are the same). Build it with `Replay.from_handle(handle)` right
+    after the forward of the method to replay.
+
+    How the indices reach the runtime: the replay reuses the recorded method's keep counts and
+    stage-2 layer, so the runtime asks for the same plans in the same order. Each call
+    `plan(x (G, N, D), keep, stage)` takes the next G recorded items of that stage whose input size
+    is N and whose kept count is `keep`, in sequence order (a queue per (stage, N, keep)). A queue
+    starts over once it has been consumed, so repeated forwards of the same input replay the same
+    selection each time; a forward that raised half-way can leave a queue with several items out of
+    step (build a new Replay then).
+
+    Attributes:
+        kept: one dict per visual item in sequence order, as `handle.stats.kept`: stage name ->
+            (k,) long indices of the item's tokens kept after that stage.
+        sizes: tokens of each item before stage 1 (its placeholder count).
+        source: the replayed method's schedule on this model (`handle.schedule`).
+    """
+
+    kept: tuple[dict[str, torch.Tensor], ...]
+    sizes: tuple[int, ...]
+    source: Schedule
+
+    def __post_init__(self) -> None:
+        if len(self.kept) != len(self.sizes):
+            raise ValueError(f"{len(self.kept)} kept records but {len(self.sizes)} item sizes; give one size per item")
+        for i, (record, n) in enumerate(zip(self.kept, self.sizes)):
+            unknown = set(record) - set(STAGES)
+            if "stage1" not in record or unknown:
+                raise ValueError(f"item {i}: kept needs a 'stage1' entry (and optionally 'stage2'), got {sorted(record)}")
+            stage1 = record["stage1"]
+            if stage1.numel() and int(stage1.max()) >= n:
+                raise ValueError(f"item {i}: stage-1 index {int(stage1.max())} is out of range for {n} tokens")
+            if "stage2" in record and not bool(torch.isin(record["stage2"], stage1).all()):
+                raise ValueError(f"item {i}: stage 2 kept tokens that stage 1 dropped")
+
+    @classmethod
+    def from_handle(cls, handle) -> "Replay":
+        """The replay of the last prefill a `compress` handle ran (one forward, no pinned tokens)."""
+        stats = handle.stats
+        if stats is None:
+            raise ValueError("the handle has no stats yet: run a forward pass under it first")
+        if any(item.pinned is not None and bool(item.pinned.any()) for item in stats.items):
+            raise ValueError("Replay does not support items with pinned tokens (e.g. image newlines) yet")
+        sizes = tuple(item.keep.numel() for item in stats.items)
+        kept = tuple({stage: index.clone() for stage, index in record.items()} for record in stats.kept)
+        return cls(kept=kept, sizes=sizes, source=handle.schedule)
+
+    def schedule(self, num_layers: int, family_defaults: dict) -> Schedule:
+        if num_layers != self.source.num_layers:
+            raise ValueError(
+                f"the replayed schedule was made for {self.source.num_layers} decoder layers, this model has {num_layers}"
+            )
+        return Schedule(
+            num_layers=num_layers,
+            stage1_keep=self.source.stage1_keep,
+            stage2_layer=self.source.stage2_layer,
+            stage2_keep=self.source.stage2_keep,
+            plan=_ReplayPlans(self._queues()),
+            min_keep=1,
+        )
+
+    def _queues(self) -> dict[tuple[str, int, int], list[torch.Tensor]]:
+        """(stage, input size N, kept count) -> the (keep,) plan indices of each reduced item, in order."""
+        queues: dict[tuple[str, int, int], list[torch.Tensor]] = {}
+        for record, n in zip(self.kept, self.sizes):
+            stage1 = record["stage1"].sort().values
+            if stage1.numel() < n:
+                queues.setdefault(("stage1", n, stage1.numel()), []).append(stage1)
+            stage2 = record.get("stage2")
+            if stage2 is not None and stage2.numel() < stage1.numel():
+                # stage 2 sees the stage-1 survivors in order: its indices are positions among them
+                index = torch.searchsorted(stage1, stage2.sort().values)
+                queues.setdefault(("stage2", stage1.numel(), stage2.numel()), []).append(index)
+        return queues
+
+
+class _ReplayPlans:
+    """The plan function of a replay: pops recorded indices from per-(stage, N, keep) queues."""
+
+    def __init__(self, queues: dict[tuple[str, int, int], list[torch.Tensor]]) -> None:
+        self.queues = queues
+        self.cursor = {key: 0 for key in queues}
+
+    def __call__(self, x: torch.Tensor, keep: int, stage: str) -> ReductionPlan:
+        """Selection plan for x (G, N, D): kept_index (G, keep), the next G recorded items."""
+        key = (stage, x.shape[1], keep)
+        queue = self.queues.get(key)
+        if not queue:
+            raise RuntimeError(
+                f"Replay has no recorded {stage} selection of {keep} out of {x.shape[1]} tokens; "
+                "replay only the input the indices were recorded on"
+            )
+        rows = [queue[(self.cursor[key] + g) % len(queue)] for g in range(x.shape[0])]
+        self.cursor[key] = (self.cursor[key] + x.shape[0]) % len(queue)
+        return selection_plan(torch.stack(rows).to(x.device))
