@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-DIM = 0.22  # brightness of dropped patches
-OUTLINE = "#ffd400"
+DIM = 0.3  # brightness of dropped patches
+OUTLINE = (1.0, 1.0, 1.0, 0.75)  # white, slightly transparent
 PANEL_INCHES = 3.0
 
 
@@ -56,7 +56,7 @@ def _outline(ax, keep: np.ndarray) -> None:
         [(c, r), (c + 1, r), (c + 1, r + 1), (c, r + 1)]
         for r, c in zip(*np.nonzero(keep))
     ]
-    ax.add_collection(PolyCollection(cells, facecolors="none", edgecolors=OUTLINE, linewidths=0.6))
+    ax.add_collection(PolyCollection(cells, facecolors="none", edgecolors=OUTLINE, linewidths=0.5))
 
 
 def _draw_panel(ax, picture: np.ndarray, grid: tuple[int, int], keep: np.ndarray | None, title: str) -> None:

@@ -5,8 +5,11 @@ import torch
 
 from .base import Family, ModelParts
 from .llava import LlavaFamily
+from .llava_next import LlavaNextFamily
+from .llava_onevision import LlavaOnevisionFamily
+from .qwen_vl import Qwen3VLFamily, QwenVLFamily
 
-FAMILIES: tuple[Family, ...] = (LlavaFamily(),)
+FAMILIES: tuple[Family, ...] = (LlavaFamily(), LlavaNextFamily(), LlavaOnevisionFamily(), QwenVLFamily(), Qwen3VLFamily())
 
 
 def supported_model_types() -> list[str]:

@@ -120,7 +120,7 @@ class Session:
         positions = kwargs.get("position_ids")
         if positions is None:
             positions = torch.arange(length, device=embeds.device)[None].expand(batch, -1)
-        level = Level(0, selection, item, slot, pinned, mask).narrowed(selection, 0)
+        level = Level.select(selection, item, slot, pinned, mask)
         out = dict(kwargs)
         out["inputs_embeds"] = selection.gather(embeds, 1)
         out["attention_mask"] = level.mask
@@ -155,12 +155,14 @@ class Session:
             if count == 0:
                 continue
             modal_items = self.items.get(modality, [])
-            if sum(it.keep.numel() for it in modal_items) != count:
-                if not modal_items:
-                    continue  # features not compressed by us (e.g. passed in by the caller): leave as is
+            if not modal_items:
+                continue  # features not compressed by us (e.g. passed in by the caller): leave as is
+            encoded = sum(it.keep.numel() for it in modal_items)
+            if encoded != count:
                 raise RuntimeError(
                     f"{count} {modality} placeholder tokens in the input but the last {modality} encoding produced "
-                    f"{sum(it.keep.numel() for it in modal_items)} features; encode the images of this input again"
+                    f"{encoded} features; encode the images of this input again (beam search and "
+                    "num_return_sequences > 1 are not supported yet)"
                 )
             found = True
             offset = len(items)

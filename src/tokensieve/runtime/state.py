@@ -65,16 +65,24 @@ class Level:
             self._count = ((self.item >= 0) & self.selection.valid).sum(dim=1).cpu()
         return self._count
 
+    @staticmethod
+    def select(selection: RowSelection, item: torch.Tensor, slot: torch.Tensor, pinned: torch.Tensor,
+               mask: torch.Tensor) -> "Level":
+        """Level 0: these rows of the input, whose (B, S) bookkeeping tensors are given."""
+        return Level(
+            first_layer=0,
+            selection=selection,
+            item=selection.gather(item, 1).masked_fill(~selection.valid, -1),
+            slot=selection.gather(slot, 1),
+            pinned=selection.gather(pinned, 1) & selection.valid,
+            mask=selection.gather_mask(mask),
+        )
+
     def narrowed(self, selection: RowSelection, first_layer: int) -> "Level":
         """The next level: these rows of this one."""
-        return Level(
-            first_layer=first_layer,
-            selection=selection,
-            item=selection.gather(self.item, 1).masked_fill(~selection.valid, -1),
-            slot=selection.gather(self.slot, 1),
-            pinned=selection.gather(self.pinned, 1) & selection.valid,
-            mask=selection.gather_mask(self.mask),
-        )
+        level = Level.select(selection, self.item, self.slot, self.pinned, self.mask)
+        level.first_layer = first_layer
+        return level
 
 
 @dataclass

@@ -1,0 +1,59 @@
+"""The `tokensieve` command: `tokensieve demo [--budgets 192 128 64] [--repeats 5] [--out PATH]`."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .demo import DEFAULT_BUDGETS, DEFAULT_OUT
+
+    parser = argparse.ArgumentParser(
+        prog="tokensieve", description="Visual token compression for Hugging Face vision-language models."
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+    demo = commands.add_parser(
+        "demo",
+        help="ApET on a LLaVA-1.5-shaped model with random weights: kept tokens, token counts, prefill timing",
+        description="Runs the full model and ApET at each budget on a synthetic image, prints a table of visual "
+        "tokens per layer and prefill times (ApET vs full, ApET vs a replay of the same kept tokens), and writes "
+        "a picture of the kept tokens. Random weights: answers are not meaningful. No download, CPU only.",
+    )
+    demo.add_argument("--budgets", type=_positive_int, nargs="+", default=list(DEFAULT_BUDGETS),
+                      help="ApET budgets, mean visual tokens per decoder layer (default: %(default)s)")
+    demo.add_argument("--repeats", type=_positive_int, default=9,
+                      help="timed prefills per configuration after a warm-up (default: %(default)s)")
+    demo.add_argument("--out", default=DEFAULT_OUT, help="PNG of the kept tokens (default: %(default)s)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
+    demo.set_defaults(run=_run_demo)
+    return parser
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoConfig, run_demo
+
+    run_demo(budgets=args.budgets, repeats=args.repeats, out=args.out, config=DemoConfig(seed=args.seed))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `tokensieve` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ValueError as error:
+        print(f"tokensieve {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,368 @@
+"""LLaVA-NeXT (`llava_next`, AnyRes): stage 1 per crop, before the projector; image newlines pinned.
+
+The model encodes each image as crops (a base view, then the AnyRes tiles), projects them, and packs
+them (`pack_image_features`): the base crop's tokens, then the tiles stitched into one grid, with the
+padding of the resized image cut away ("unpadding") and one image-newline token after every grid row.
+This file holds what LLaVA-OneVision shares with it (`AnyResFamily`, `packed_layout`, `split_keep`).
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from transformers.models.llava_next import modeling_llava_next
+
+from ..runtime.hooks import HookSet
+from ..runtime.state import VisualItem
+from .base import Family
+
+
+# ---------------------------------------------------------------------------------------- geometry
+@dataclass(frozen=True)
+class PackedLayout:
+    """Where one image's crop tokens land among its P packed placeholder tokens.
+
+    Attributes:
+        position: (C, N) long: packed index of each crop token; -1 where unpadding cuts it away, and for
+            every tile token of a `resized` image (no tile token has a packed place of its own there).
+        newline: (P,) bool: the image-newline tokens.
+        resized: (P,) bool: tile tokens the model makes by interpolating the unpadded tile grid after
+            the projector (LLaVA-OneVision's `anyres_max_K`); all False when there is no such step.
+    """
+
+    position: torch.Tensor
+    newline: torch.Tensor
+    resized: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.newline.numel()
+
+    @property
+    def budget_tokens(self) -> int:
+        """Packed tokens that are not image newlines."""
+        return self.length - int(self.newline.sum())
+
+
+def packed_layout(
+    crop_side: int,
+    crops: int,
+    image_size: Sequence[int],
+    grid_pinpoints: list,
+    crop_pixels: int,
+    max_tiles: int | None = None,
+    helpers: Any = modeling_llava_next,
+) -> PackedLayout:
+    """The packing geometry of one image, computed on index tensors (no features needed).
+
+    Mirrors `pack_image_features`: a single crop gives its N tokens and one newline; otherwise the base
+    crop's N tokens come first, then the (gh * side, gw * side) grid of tile tokens, unpadded to the
+    image's aspect ratio (transformers' own `unpad_image`, on an index grid), row by row, each row
+    followed by one newline. With `max_tiles` (OneVision) a grid of more than 1.1**2 * max_tiles crops'
+    worth of tokens is interpolated down to (int(h // r), int(w // r)), r = sqrt(h * w / (max_tiles * N)).
+
+    Args:
+        crop_side: tokens along one side of a crop (vision image_size // patch_size); N = crop_side**2.
+        crops: crops of this image (1, or 1 + gh * gw).
+        image_size: the image's original (height, width).
+        grid_pinpoints: the config's AnyRes resolutions.
+        crop_pixels: the vision tower's image_size.
+        max_tiles: K of OneVision's vision_aspect_ratio "anyres_max_K"; None for LLaVA-NeXT.
+        helpers: the transformers module whose `get_anyres_image_grid_shape` / `unpad_image` the model uses.
+    """
+    n = crop_side * crop_side
+    if crops == 1:
+        newline = torch.zeros(n + 1, dtype=torch.bool)
+        newline[n] = True
+        return PackedLayout(torch.arange(n)[None], newline, torch.zeros(n + 1, dtype=torch.bool))
+    size = [int(s) for s in image_size]
+    grid_h, grid_w = helpers.get_anyres_image_grid_shape(size, grid_pinpoints, crop_pixels)
+    if crops != 1 + grid_h * grid_w:
+        raise RuntimeError(f"an image of size {size} has {crops} crops but its {grid_h}x{grid_w} AnyRes grid needs {1 + grid_h * grid_w}")
+    index = torch.arange((crops - 1) * n).view(grid_h, grid_w, crop_side, crop_side)
+    index = index.permute(0, 2, 1, 3).reshape(1, grid_h * crop_side, grid_w * crop_side)
+    kept = helpers.unpad_image(index, size)[0]  # (h, w): tile-token index of each unpadded grid cell
+    rows, cols = kept.shape
+    ratio = math.sqrt(rows * cols / (max_tiles * n)) if max_tiles is not None else 0.0
+    resized = ratio > 1.1
+    if resized:
+        rows, cols = int(rows // ratio), int(cols // ratio)
+    length = n + rows * (cols + 1)
+    newline = torch.zeros(length, dtype=torch.bool)
+    newline[n + torch.arange(rows) * (cols + 1) + cols] = True
+    position = torch.full((crops, n), -1, dtype=torch.long)
+    position[0] = torch.arange(n)
+    if not resized:
+        cells = n + torch.arange(rows)[:, None] * (cols + 1) + torch.arange(cols)[None]
+        position[1:].view(-1)[kept.flatten()] = cells.flatten()
+    resized_mask = torch.zeros(length, dtype=torch.bool)
+    if resized:
+        resized_mask[n:] = ~newline[n:]
+    return PackedLayout(position, newline, resized_mask)
+
+
+def split_keep(keep: int, sizes: Sequence[int], minimum: int) -> list[int]:
+    """Split an image's stage-1 keep over its parts (crops) in proportion to their token counts.
+
+    Largest-remainder rounding; every part keeps at least min(size, minimum) and at most its size.
+    The keeps sum to exactly `keep` unless those floors alone exceed it; then each part keeps its floor.
+
+    Args:
+        keep: tokens the image keeps.
+        sizes: token count of each part.
+        minimum: fewest tokens the method can reduce a part to (`Schedule.min_keep`).
+    """
+    if keep >= sum(sizes):
+        return list(sizes)
+    floors = [min(size, minimum) for size in sizes]
+    if sum(floors) >= keep:
+        return floors
+    fixed: dict[int, int] = {}
+    while True:
+        free = [i for i, size in enumerate(sizes) if i not in fixed and size > 0]
+        left = keep - sum(fixed.values())
+        total = sum(sizes[i] for i in free)
+        low = [i for i in free if left * sizes[i] < floors[i] * total]  # quota below the floor
+        if not low:
+            break
+        fixed.update({i: floors[i] for i in low})
+    counts = [fixed.get(i, 0) for i in range(len(sizes))]
+    for i in free:
+        counts[i] = left * sizes[i] // total
+    by_remainder = sorted(free, key=lambda i: (-(left * sizes[i] % total), i))
+    for i in by_remainder[: left - sum(counts[i] for i in free)]:
+        counts[i] += 1
+    return counts
+
+
+# ---------------------------------------------------------------------------------------- one encoding
+@dataclass
+class _Part:
+    """Tokens of one image reduced together.
+
+    crop: global crop index (vision-space part) or None (the resized tile grid, reduced after packing).
+    index: (n,) long: crop-token indices (vision space) or packed positions (resized grid).
+    keep: tokens the part keeps; kept: (k,) long indices into `index`, once planned.
+    """
+
+    crop: int | None
+    index: torch.Tensor
+    keep: int
+    kept: torch.Tensor | None = None
+
+
+@dataclass
+class _Image:
+    layout: PackedLayout
+    first_crop: int
+    parts: list[_Part]
+
+
+@dataclass
+class _Encoding:
+    """The images of one `get_image_features` call, from the projector's hooks to the packing."""
+
+    images: list[_Image]
+    crop_tokens: int
+    scatter_index: torch.Tensor | None = None  # (T,) flat crop-token index of each projected row
+
+    @property
+    def crops(self) -> int:
+        last = self.images[-1]
+        return last.first_crop + last.layout.position.shape[0]
+
+
+class AnyResFamily(Family):
+    """Shared by LLaVA-NeXT and LLaVA-OneVision.
+
+    Hooks (all on `model.model`): `get_image_features` is wrapped to learn the image sizes and plan
+    every image's packed layout; a pre-hook on `multi_modal_projector` reduces each crop's (N, D_vision)
+    selected-layer features (only the tokens that survive unpadding) and hands the projector one
+    (1, T, D_vision) run of kept rows; its post-hook puts the projected rows back at their places in a
+    zero (C, N, D_text) tensor; the wrapped `pack_image_features` then marks each image's kept packed
+    tokens and the image newlines and records one VisualItem per image.
+
+    Budget: an image's budget counts its packed tokens that are not newlines (base crop + unpadded
+    tiles, as the language model sees them); its stage-1 keep is split over its crops in proportion
+    to the tokens each contributes (`split_keep`). Newline tokens are always kept and pinned.
+    Where the model interpolates the tile grid after the projector (OneVision `anyres_max_K` on large
+    images), the tiles cannot be reduced in the vision space; the interpolated tile tokens are then
+    reduced after packing, in the projected space, as one part.
+    """
+
+    apet_defaults = {"basis_blend": 1.0}
+    helpers: Any = modeling_llava_next
+
+    # ------------------------------------------------------------------ per-family details
+    def _crop_plan(self, model: torch.nn.Module, arguments: dict) -> tuple[list[int], int | None]:
+        """(crops of each image, max_tiles) for one get_image_features call."""
+        config = model.config
+        shapes = [self.helpers.get_anyres_image_grid_shape(size, config.image_grid_pinpoints, config.vision_config.image_size)
+                  for size in arguments["image_sizes"]]
+        return [1 + h * w for h, w in shapes], None
+
+    def _wrap_other_encoders(self, model: torch.nn.Module, hooks: HookSet) -> None:
+        """Wrap encoders this family does not compress (e.g. video) so that they refuse to run."""
+
+    # ------------------------------------------------------------------ Family interface
+    def check(self, model: torch.nn.Module) -> None:
+        outer = getattr(model, "model", None)
+        for name in ("multi_modal_projector", "image_newline", "get_image_features", "pack_image_features"):
+            if not hasattr(outer, name):
+                raise ValueError(f"{type(model).__name__} has no model.{name}; is it a {self.model_types[0]} model?")
+        for name in ("get_image_features", "pack_image_features"):
+            if name in vars(outer):
+                raise ValueError(f"model.model.{name} is already replaced on this instance (another tokensieve handle?); remove it first")
+        if not isinstance(model.config.image_grid_pinpoints, list):
+            raise ValueError("config.image_grid_pinpoints must be a list of [height, width] resolutions")
+
+    def install_stage1(self, model: torch.nn.Module, session: Any, hooks: HookSet) -> None:
+        outer = model.model
+        state: dict[str, _Encoding | None] = {"encoding": None}
+        hooks.wrap_method(outer, "get_image_features", lambda original: self._encode_wrapper(model, session, state, original))
+        hooks.pre(outer.multi_modal_projector, lambda m, a, k: self._reduce(session, state["encoding"], a, k))
+        hooks.post(outer.multi_modal_projector, lambda m, a, k, out: self._restore(state["encoding"], out))
+        hooks.wrap_method(outer, "pack_image_features", lambda original: self._pack_wrapper(session, state, original))
+        self._wrap_other_encoders(model, hooks)
+
+    # ------------------------------------------------------------------ get_image_features
+    def _encode_wrapper(self, model, session, state: dict, original: Callable) -> Callable:
+        signature = inspect.signature(original)
+
+        def wrapper(*args, **kwargs):
+            arguments = signature.bind(*args, **kwargs).arguments
+            session.begin_items("image")
+            state["encoding"] = self._plan_encoding(model, session, arguments)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                state["encoding"] = None
+
+        return wrapper
+
+    def _plan_encoding(self, model, session, arguments: dict) -> _Encoding:
+        """Layouts and per-crop keeps of every image in this call."""
+        vision = model.config.vision_config
+        side = vision.image_size // vision.patch_size
+        crops, max_tiles = self._crop_plan(model, arguments)
+        images, first = [], 0
+        for size, count in zip(arguments["image_sizes"], crops):
+            layout = packed_layout(side, count, size.tolist() if torch.is_tensor(size) else size,
+                                   model.config.image_grid_pinpoints, vision.image_size, max_tiles, self.helpers)
+            images.append(_Image(layout, first, self._parts(session, layout, first)))
+            first += count
+        return _Encoding(images, side * side)
+
+    @staticmethod
+    def _parts(session, layout: PackedLayout, first_crop: int) -> list[_Part]:
+        """The image's parts (each crop's surviving tokens, or the resized tile grid) with their keeps."""
+        parts = []
+        for crop in range(layout.position.shape[0]):
+            index = (layout.position[crop] >= 0).nonzero().flatten()
+            if index.numel():
+                parts.append(_Part(first_crop + crop, index, 0))
+        if layout.resized.any():
+            parts.append(_Part(None, layout.resized.nonzero().flatten(), 0))
+        keep = session.stage1_keep(layout.budget_tokens)
+        for part, part_keep in zip(parts, split_keep(keep, [p.index.numel() for p in parts], session.schedule.min_keep)):
+            part.keep = part_keep
+        return parts
+
+    # ------------------------------------------------------------------ projector hooks
+    @staticmethod
+    def _reduce(session, encoding: _Encoding | None, args: tuple, kwargs: dict):
+        """Pre-hook: (C, N, D_vision) features -> (1, T, D_vision) kept (and merged) rows."""
+        if encoding is None:
+            return None
+        features = args[0] if args else kwargs["image_features"]
+        if features.shape[0] != encoding.crops or features.shape[1] != encoding.crop_tokens:
+            raise RuntimeError(
+                f"the projector received features of shape {tuple(features.shape)}, expected {encoding.crops} crops of "
+                f"{encoding.crop_tokens} tokens; this vision_feature_select_strategy / tower combination is not supported"
+            )
+        parts = [p for image in encoding.images for p in image.parts if p.crop is not None]
+        plans = session.plan_items([features[p.crop, p.index.to(features.device)] for p in parts], [p.keep for p in parts])
+        for part, plan in zip(parts, plans):
+            part.kept = plan.kept_index[0].cpu() if plan is not None else torch.arange(part.index.numel())
+        if all(plan is None for plan in plans):
+            return None
+        rows, index = [], []
+        for part, plan in zip(parts, plans):
+            x = features[part.crop, part.index.to(features.device)]
+            rows.append(plan.apply(x[None])[0] if plan is not None else x)
+            index.append(part.crop * encoding.crop_tokens + part.index[part.kept])
+        for image in encoding.images:
+            if image.layout.resized.any():
+                for crop in range(image.first_crop + 1, image.first_crop + image.layout.position.shape[0]):
+                    rows.append(features[crop])
+                    index.append(crop * encoding.crop_tokens + torch.arange(encoding.crop_tokens))
+        encoding.scatter_index = torch.cat(index).to(features.device)
+        reduced = torch.cat(rows)[None]
+        return ((reduced,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "image_features": reduced})
+
+    @staticmethod
+    def _restore(encoding: _Encoding | None, output: torch.Tensor):
+        """Post-hook: projected (1, T, D_text) rows -> (C, N, D_text), zero at the dropped tokens."""
+        if encoding is None or encoding.scatter_index is None:
+            return None
+        index = encoding.scatter_index
+        encoding.scatter_index = None
+        full = output.new_zeros(encoding.crops * encoding.crop_tokens, output.shape[-1])
+        return full.index_copy(0, index, output[0]).view(encoding.crops, encoding.crop_tokens, -1)
+
+    # ------------------------------------------------------------------ packing
+    def _pack_wrapper(self, session, state: dict, original: Callable) -> Callable:
+        def wrapper(*args, **kwargs):
+            features, lengths = original(*args, **kwargs)
+            encoding = state["encoding"]
+            if encoding is None:
+                return features, lengths
+            features = self._reduce_resized(session, encoding, list(features))
+            for image, packed in zip(encoding.images, features):
+                session.add_item(self._item(image, packed))
+            return features, lengths
+
+        return wrapper
+
+    @staticmethod
+    def _reduce_resized(session, encoding: _Encoding, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Reduce the interpolated tile tokens of resized images in the projected space.
+
+        features: per image, its (P, D_text) packed tokens; returns them with the kept rows replaced.
+        """
+        for image, packed in zip(encoding.images, features):
+            if packed.shape[0] != image.layout.length:
+                raise RuntimeError(
+                    f"the model packed an image into {packed.shape[0]} tokens, the layout computed for it has "
+                    f"{image.layout.length}; this transformers version packs differently"
+                )
+        members = [(i, p) for i, image in enumerate(encoding.images) for p in image.parts if p.crop is None]
+        plans = session.plan_items([features[i][p.index.to(features[i].device)] for i, p in members], [p.keep for _, p in members])
+        for (i, part), plan in zip(members, plans):
+            if plan is None:
+                part.kept = torch.arange(part.index.numel())
+                continue
+            part.kept = plan.kept_index[0].cpu()
+            x = features[i][part.index.to(features[i].device)]
+            rows = part.index[part.kept].to(features[i].device)
+            features[i] = features[i].index_copy(0, rows, plan.apply(x[None])[0])
+        return features
+
+    @staticmethod
+    def _item(image: _Image, packed: torch.Tensor) -> VisualItem:
+        """One image's VisualItem over its P packed tokens: kept tokens and newlines kept, newlines pinned."""
+        layout = image.layout
+        keep = layout.newline.clone()
+        for part in image.parts:
+            chosen = part.index[part.kept]
+            keep[chosen if part.crop is None else layout.position[part.crop - image.first_crop, chosen]] = True
+        return VisualItem("image", keep.to(packed.device), pinned=layout.newline.to(packed.device))
+
+
+class LlavaNextFamily(AnyResFamily):
+    """LLaVA-NeXT (LLaVA-1.6): CLIP tower, AnyRes crops, `spatial_unpad` packing with image newlines."""
+
+    model_types = ("llava_next",)

@@ -1,0 +1,221 @@
+"""Qwen2-VL, Qwen2.5-VL (`qwen2_vl`, `qwen2_5_vl`) and Qwen3-VL (`qwen3_vl`).
+
+Stage 1 runs on the patch merger's output (already projected to the language model's width), per
+image, inside `model.model.get_image_features` / `get_video_features`, which this family wraps on
+the instance. The wrapped method still returns one (n_i, D) tensor per item in `pooler_output`
+(the model checks it against the placeholder count): the plan's output sits at the kept rows and
+zeros elsewhere. The language model's entry hook then drops the unkept rows from the hidden states,
+the 2-D mask and every row of the M-RoPE position ids (3 rows, or 4 with generate's text row),
+so each kept token keeps its original 3-D position and the gaps stay.
+
+Videos: stage 1 runs per temporal frame group (grid t), spatially only, with no merging across
+frames: each frame group of n_f tokens keeps `stage1_keep(n_f)` of them. The whole video is ONE
+`VisualItem` whose keep mask concatenates its frames; stage 2 (inside the language model) sees it
+as one item of t * n_f tokens and therefore may select across frames.
+
+Qwen3-VL deepstack: the vision tower also returns `deepstack_features` (per deepstack layer, one
+(n_i, D) tensor per item) that the language model adds to the visual rows of its first decoder
+layers. Each is reduced with the SAME ReductionPlan as the main features, so kept rows stay aligned;
+`gather_language_kwargs` narrows `visual_pos_masks` and `deepstack_visual_embeds` at the entry.
+Stage 2 must come after the last deepstack layer (see `Qwen3VLFamily`).
+
+Decoding: generate computes the position ids of new tokens from the uncompressed prompt (the last
+original position + 1, or the full attention mask and `rope_deltas`), so decoding continues at the
+original positions; the runtime only narrows the prefill's mask columns.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..ops.plan import ReductionPlan
+from ..runtime.hooks import HookSet
+from ..runtime.sequence import RowSelection
+from ..runtime.state import VisualItem
+from .base import Family, keep_mask, scatter_rows
+
+Span = tuple[int, int]  # (start, length) of one frame group among an item's merged tokens
+
+
+def frame_spans(grid_thw: torch.Tensor, merge: int) -> list[list[Span]]:
+    """Per item of grid_thw (I, 3) (patch units): the (start, length) of each frame group's merged tokens."""
+    spans = []
+    for t, h, w in grid_thw.tolist():
+        frame = (h // merge) * (w // merge)
+        spans.append([(f * frame, frame) for f in range(t)])
+    return spans
+
+
+def reduce_frames(x: torch.Tensor, spans: Sequence[Span], plans: Sequence[ReductionPlan | None]) -> torch.Tensor:
+    """x (n, D) -> (n, D): each frame's plan output at its kept rows, zeros at its dropped rows.
+
+    A frame whose plan is None is copied unchanged; x itself is returned when no frame has a plan.
+    """
+    if all(plan is None for plan in plans):
+        return x
+    parts = []
+    for (start, length), plan in zip(spans, plans):
+        rows = x[start : start + length]
+        if plan is None:
+            parts.append(rows)
+        else:
+            parts.append(scatter_rows(plan.apply(rows[None]), plan.kept_index, length)[0])
+    return torch.cat(parts)
+
+
+def frames_keep(spans: Sequence[Span], plans: Sequence[ReductionPlan | None], device: torch.device) -> torch.Tensor:
+    """(n,) bool over an item's tokens: the concatenated per-frame keep masks."""
+    parts = []
+    for (_, length), plan in zip(spans, plans):
+        if plan is None:
+            parts.append(torch.ones(length, dtype=torch.bool, device=device))
+        else:
+            parts.append(keep_mask(plan.kept_index[0].to(device), length))
+    return torch.cat(parts)
+
+
+def selected_positions(selection: RowSelection, length: int) -> torch.Tensor:
+    """(B, length) bool: the original positions a RowSelection keeps (new padding slots select nothing)."""
+    index = selection.gather_index.masked_fill(~selection.valid, length)  # padding -> a spare column
+    selected = torch.zeros(index.shape[0], length + 1, dtype=torch.bool, device=index.device)
+    return selected.scatter_(1, index, True)[:, :length]
+
+
+class _Reentry:
+    """True while one of our wrappers runs: Qwen3-VL's get_video_features calls get_image_features."""
+
+    def __init__(self) -> None:
+        self.active = False
+
+
+class QwenVLFamily(Family):
+    """Qwen2-VL and Qwen2.5-VL: stage 1 on the merger's output, per image and per video frame group."""
+
+    model_types = ("qwen2_vl", "qwen2_5_vl")
+    apet_defaults = {"basis_blend": 0.5}  # the paper's Qwen2.5-VL reference blends basis and own features
+
+    def token_ids(self, config: Any) -> dict[str, int]:
+        return {"image": config.image_token_id, "video": config.video_token_id}
+
+    def check(self, model: torch.nn.Module) -> None:
+        text = model.config.get_text_config()
+        if "sliding_attention" in (getattr(text, "layer_types", None) or ()):
+            raise ValueError(
+                f"{model.config.model_type} with sliding-window attention layers is not supported (the compressed "
+                "sequence gets full causal masks only); load it with use_sliding_window=False"
+            )
+
+    def install_stage1(self, model: torch.nn.Module, session: Any, hooks: HookSet) -> None:
+        outer = model.model
+        merge = outer.config.vision_config.spatial_merge_size
+        reentry = _Reentry()
+        for modality in ("image", "video"):
+            make = self._wrapper_factory(modality, merge, session, reentry)
+            hooks.wrap_method(outer, f"get_{modality}_features", make)
+
+    def _wrapper_factory(self, modality: str, merge: int, session: Any, reentry: _Reentry) -> Callable:
+        def make_wrapper(original: Callable) -> Callable:
+            def wrapper(*args, **kwargs):
+                if reentry.active:
+                    return original(*args, **kwargs)
+                grid_thw = kwargs.get(f"{modality}_grid_thw", args[1] if len(args) > 1 else None)
+                as_tuple = kwargs.get("return_dict") is False
+                reentry.active = True
+                try:
+                    output = original(*args, **{**kwargs, "return_dict": True})
+                finally:
+                    reentry.active = False
+                if grid_thw is None:
+                    raise ValueError(f"get_{modality}_features needs {modality}_grid_thw to split the features")
+                self._stage1(output, grid_thw, merge, modality, session)
+                return output.to_tuple() if as_tuple else output
+
+            return wrapper
+
+        return make_wrapper
+
+    def _stage1(self, output: Any, grid_thw: torch.Tensor, merge: int, modality: str, session: Any) -> None:
+        """Reduce every frame group of every item of `output` in place and record the items.
+
+        output.pooler_output: tuple of (n_i, D), one per row of grid_thw (I, 3); deepstack_features
+        (Qwen3-VL): list over deepstack layers of such tuples, reduced with the same plans.
+        """
+        features = output.pooler_output
+        deepstack = list(getattr(output, "deepstack_features", None) or [])
+        session.begin_items(modality)
+        spans = frame_spans(grid_thw, merge)
+        plans = self._plans(features, spans, session)
+        output.pooler_output = tuple(reduce_frames(x, s, p) for x, s, p in zip(features, spans, plans))
+        if deepstack:
+            output.deepstack_features = [
+                tuple(layer) for layer in deepstack
+            ]
+        for x, item_spans, item_plans, (t, h, w) in zip(features, spans, plans, grid_thw.tolist()):
+            grid = (h // merge, w // merge) if t == 1 else None
+            keep = frames_keep(item_spans, item_plans, x.device)
+            session.add_item(VisualItem(modality, keep, grid=grid))
+
+    @staticmethod
+    def _plans(
+        features: Sequence[torch.Tensor], spans: list[list[Span]], session: Any
+    ) -> list[list[ReductionPlan | None]]:
+        """Stage-1 plans per item and frame group (equal sizes are planned as one batch).
+
+        features: one (n_i, D) per item. Checks every frame and item against the method's minimum first.
+        """
+        for x, item_spans in zip(features, spans):
+            if sum(length for _, length in item_spans) != x.shape[0]:
+                raise ValueError(f"grid_thw describes {sum(n for _, n in item_spans)} tokens but the item has {x.shape[0]}")
+            for _, length in item_spans:
+                session.schedule.check_item(length)
+            if len(item_spans) > 1:
+                session.schedule.check_item(x.shape[0])
+        units = [(i, start, length) for i, item_spans in enumerate(spans) for start, length in item_spans]
+        flat = session.plan_items(
+            [features[i][start : start + length] for i, start, length in units],
+            [session.stage1_keep(length) for _, _, length in units],
+        )
+        plans: list[list[ReductionPlan | None]] = [[] for _ in spans]
+        for (i, _, _), plan in zip(units, flat):
+            plans[i].append(plan)
+        return plans
+
+
+class Qwen3VLFamily(QwenVLFamily):
+    """Qwen3-VL: as Qwen2.5-VL, plus deepstack features added to the visual rows of the first decoder layers.
+
+    The language model adds deepstack feature l to the output of decoder layer l (l < n_deepstack)
+    at `visual_pos_masks`, computed for the sequence that entered it; stage 2 (the post-hook of
+    layer K - 1) must therefore come after the last addition: K >= n_deepstack + 1. This is checked
+    when `compress` installs the hooks, before any hook is placed (ApET's default K = L // 2 meets it
+    for the released models: 3 deepstack layers, 28 or more decoder layers).
+    """
+
+    model_types = ("qwen3_vl",)
+
+    def install_stage1(self, model: torch.nn.Module, session: Any, hooks: HookSet) -> None:
+        deepstack = len(model.config.vision_config.deepstack_visual_indexes)
+        layer = session.schedule.stage2_layer
+        if layer is not None and layer < deepstack + 1:
+            raise ValueError(
+                f"stage 2 after decoder layer {layer} would cut the sequence before Qwen3-VL's {deepstack} deepstack "
+                f"layers have added their features; choose a stage-2 layer of at least {deepstack + 1} "
+                f"(e.g. ApET(..., layer={deepstack + 1}))"
+            )
+        super().install_stage1(model, session, hooks)
+
+    def gather_language_kwargs(self, kwargs: dict, selection: RowSelection, flat_keep: torch.Tensor) -> None:
+        """Narrow visual_pos_masks (B, S) -> (B, S_new) and keep the matching rows of each deepstack embed.
+
+        The kept deepstack rows are read from the selection itself (the visual positions it keeps, in
+        row-major order), so they stay right even for visual tokens this handle did not encode.
+        """
+        mask = kwargs.get("visual_pos_masks")
+        if mask is None:
+            return
+        kept = selected_positions(selection, mask.shape[1])[mask.to(selection.valid.device)]  # (n_visual,)
+        kwargs["visual_pos_masks"] = selection.gather(mask.to(selection.valid.device), 1) & selection.valid
+        embeds = kwargs.get("deepstack_visual_embeds")
+        if embeds is not None:
+            kwargs["deepstack_visual_embeds"] = [e[kept.to(e.device)] for e in embeds]
