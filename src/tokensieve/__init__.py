@@ -5,9 +5,11 @@ Importing this package changes nothing in transformers; hooks live on the model 
 """
 from . import ops
 from .api import CompressionHandle, compress
-from .methods import ApET
+from .calibrate import calibrate_alvts
+from .methods import ALVTS, ApET
+from .selectors import Selectors, SelectorMismatchError
 from .models import supported_model_types
 
 __version__ = "0.1.0"
 
-__all__ = ["ApET", "CompressionHandle", "compress", "ops", "supported_model_types", "__version__"]
+__all__ = ["ALVTS", "ApET", "Selectors", "SelectorMismatchError", "calibrate_alvts", "CompressionHandle", "compress", "ops", "supported_model_types", "__version__"]

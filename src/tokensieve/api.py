@@ -35,6 +35,11 @@ class CompressionHandle:
     def remove(self) -> None:
         self._session.remove()
 
+    def hold_selection(self, hold: bool = True) -> None:
+        """Reuse the per-layer choice of the last prefill when the same prompt is run again longer
+        (decoding without a cache recomputes the prompt plus the new tokens); for validation."""
+        self._session.hold_routes = hold
+
     def __enter__(self) -> "CompressionHandle":
         return self
 
@@ -71,7 +76,10 @@ def compress(model: torch.nn.Module, method: Any) -> CompressionHandle:
         raise ValueError(f"{type(method).__name__} is not a tokensieve method (e.g. tokensieve.ApET(budget=64))")
     family.check(model)
     parts = family.parts(model)
-    schedule = method.schedule(len(parts.layers), family.apet_defaults)
+    context = {}
+    if hasattr(method, "resolve_selectors"):
+        context["selectors"] = method.resolve_selectors(model.config.model_type, parts.layers)
+    schedule = method.schedule(len(parts.layers), family.apet_defaults, **context)
     nominal = family.nominal_tokens(model.config)
     if nominal is not None:
         schedule.check_item(nominal)

@@ -1,5 +1,6 @@
 """Compression methods: one file each, a frozen dataclass of hyper-parameters plus its schedule."""
+from .alvts import ALVTS
 from .apet import ApET
 from .base import Schedule
 
-__all__ = ["ApET", "Schedule"]
+__all__ = ["ALVTS", "ApET", "Schedule"]

@@ -12,6 +12,23 @@ PlanFn = Callable[[torch.Tensor, int, str], ReductionPlan]
 
 
 @dataclass(frozen=True)
+class Routing:
+    """Per-layer selection: before each layer from start_layer on, the layer processes its own
+    choice of visual tokens; the others skip it unchanged (ALVTS).
+
+    Attributes:
+        start_layer: first routed decoder layer (earlier layers process every token).
+        keep: (layer, n) -> visual tokens that layer processes of an item whose budget counts n.
+        score: (layer index, layer module, hidden (B, S, D), rotary (cos, sin), item (B, S),
+            valid (B, S)) -> (B, S) scores of the visual rows; the top-`keep` of each item run.
+    """
+
+    start_layer: int
+    keep: Callable[[int, int], int]
+    score: Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
 class Schedule:
     """A method resolved for one model.
 
@@ -27,14 +44,18 @@ class Schedule:
     stage1_keep: Callable[[int], int]
     stage2_layer: int | None
     stage2_keep: Callable[[int], int] | None
-    plan: PlanFn
+    plan: PlanFn | None
     min_keep: int = 1
+    routing: Routing | None = None
 
     def check_item(self, n: int) -> None:
         """ValueError if a stage would have to keep fewer than min_keep of an item's n tokens."""
         stages = [("stage 1", self.stage1_keep(n))]
         if self.stage2_keep is not None:
             stages.append(("stage 2", self.stage2_keep(n)))
+        if self.routing is not None:
+            for layer in range(self.routing.start_layer, self.num_layers):
+                stages.append((f"layer {layer}", self.routing.keep(layer, n)))
         for name, keep in stages:
             if keep < n and keep < self.min_keep:
                 raise ValueError(
@@ -45,10 +66,14 @@ class Schedule:
     def tokens_per_layer(self, n: int) -> list[int]:
         """Visual tokens each decoder layer processes for one item of n budget tokens."""
         first = self.stage1_keep(n)
-        if self.stage2_layer is None or self.stage2_keep is None:
-            return [first] * self.num_layers
-        second = min(first, self.stage2_keep(n))
-        return [first] * self.stage2_layer + [second] * (self.num_layers - self.stage2_layer)
+        counts = [first] * self.num_layers
+        if self.stage2_layer is not None and self.stage2_keep is not None:
+            second = min(first, self.stage2_keep(n))
+            counts[self.stage2_layer :] = [second] * (self.num_layers - self.stage2_layer)
+        if self.routing is not None:
+            for layer in range(self.routing.start_layer, self.num_layers):
+                counts[layer] = min(counts[layer], self.routing.keep(layer, n))
+        return counts
 
 
 def check_budget(budget: float | None, ratio: float | None) -> None:

@@ -9,6 +9,7 @@ from transformers.masking_utils import create_causal_mask
 from ..methods.base import Schedule
 from ..ops.plan import ReductionPlan
 from .hooks import HookSet
+from .routing import Route, extend_keep, scatter_back, top_rows
 from .sequence import compact_rows
 from .state import Level, SequenceState, Stats, VisualItem
 
@@ -39,6 +40,8 @@ class Session:
         self.visual_positions: dict[str, torch.Tensor] | None = None
         self.sequence: SequenceState | None = None
         self.stats: Stats | None = None
+        self.routes: dict[int, Route] = {}
+        self.hold_routes = False  # reuse the last prefill's routing for longer prefills of the same prompt
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> None:
@@ -50,6 +53,9 @@ class Session:
                 self.hooks.pre(layer, self._layer_pre_hook(index))
             if self.schedule.stage2_layer is not None:
                 self.hooks.post(self.parts.layers[self.schedule.stage2_layer - 1], self._stage2_hook)
+            if self.schedule.routing is not None:
+                for index in range(self.schedule.routing.start_layer, len(self.parts.layers)):
+                    self.hooks.post(self.parts.layers[index], self._route_post_hook(index))
         except BaseException:
             self.hooks.remove()
             raise
@@ -105,6 +111,8 @@ class Session:
 
     def _prefill_entry(self, kwargs: dict) -> dict:
         self.sequence, self.stats = None, None
+        if not self.hold_routes:
+            self.routes = {}
         embeds = kwargs["inputs_embeds"]
         batch, length = embeds.shape[:2]
         layout = self._visual_layout(batch, length, embeds.device)
@@ -201,7 +209,8 @@ class Session:
     def _decode_entry(self, kwargs: dict, cache: Any) -> dict:
         state = self.sequence
         level = state.levels[0]
-        expected = level.length + state.decoded
+        first = self.routes.get(0)
+        expected = (first.selection.length if first is not None else level.length) + state.decoded
         if _cache_length(cache) != expected:
             raise RuntimeError(
                 f"the KV cache holds {_cache_length(cache)} tokens but the compressed prefill left {expected}; "
@@ -243,9 +252,12 @@ class Session:
                 if hidden.shape[1] != level.length:
                     raise RuntimeError(f"layer {index} received {hidden.shape[1]} rows, expected {level.length}")
                 self.stats.tokens_per_layer[:, index] = level.visual_count()
-            if level.first_layer == 0:
-                return None
-            return args, self._narrow_layer_kwargs(index, level, hidden, kwargs, prefill)
+            if level.first_layer > 0:
+                kwargs = self._narrow_layer_kwargs(index, level, hidden, kwargs, prefill)
+            routing = self.schedule.routing
+            if routing is not None and index >= routing.start_layer:
+                return self._route(index, module, level, hidden, args, kwargs, prefill)
+            return args, kwargs
         return hook
 
     def _narrow_layer_kwargs(self, index: int, level: Level, hidden: torch.Tensor, kwargs: dict, prefill: bool):
@@ -272,12 +284,57 @@ class Session:
         mask = level.mask
         if not prefill:
             mask = torch.cat([mask, self.sequence.new_columns.to(mask.dtype)], dim=1)
+        return self._causal_mask(hidden, mask, cache, level.first_layer)
+
+    # ------------------------------------------------------------------ routing (ALVTS)
+    def _route(self, index: int, layer, level: Level, hidden: torch.Tensor, args, kwargs: dict, prefill: bool):
+        cache = kwargs.get("past_key_values")
+        if not prefill:
+            route = self.routes[index]
+            mask = torch.cat([route.selection.gather_mask(level.mask), self.sequence.new_columns.to(level.mask.dtype)], 1)
+            return args, {**kwargs, "attention_mask": self._causal_mask(hidden, mask, cache, index)}
+        route = self._choose_route(index, layer, level, hidden, kwargs)
+        self.routes[index] = route
+        selection = route.selection
+        narrowed = selection.gather(hidden, 1)
+        out = dict(kwargs)
+        out["attention_mask"] = self._causal_mask(narrowed, selection.gather_mask(level.mask), cache, index)
+        out["position_embeddings"] = tuple(selection.gather(t, -2) for t in kwargs["position_embeddings"])
+        if kwargs.get("position_ids") is not None:
+            out["position_ids"] = selection.gather(kwargs["position_ids"], -1)
+        routed_item = selection.gather(level.item, 1).masked_fill(~selection.valid, -1)
+        self.stats.tokens_per_layer[:, index] = (routed_item >= 0).sum(dim=1).cpu()
+        routed_slot = selection.gather(level.slot, 1)
+        for i, kept in enumerate(self.stats.kept):
+            kept[f"layer{index}"] = routed_slot[routed_item == i].sort().values.cpu()
+        return ((narrowed,) + tuple(args[1:]), out) if args else (args, {**out, "hidden_states": narrowed})
+
+    def _choose_route(self, index: int, layer, level: Level, hidden: torch.Tensor, kwargs: dict) -> Route:
+        held = self.routes.get(index) if self.hold_routes else None
+        if held is not None and held.keep.shape[1] <= level.length:
+            keep = extend_keep(held.keep, level.length)
+        else:
+            routing = self.schedule.routing
+            rotary = kwargs["position_embeddings"]
+            scores = routing.score(index, layer, hidden, rotary, level.item, level.selection.valid)
+            keep = top_rows(scores, level, self.sequence.items, index, routing)
+        return Route(keep=keep, selection=compact_rows(keep), full_hidden=hidden)
+
+    def _route_post_hook(self, index: int):
+        def hook(module, args, kwargs, output):
+            route = self.routes.get(index)
+            if self.sequence is None or self.sequence.decoded > 0 or route is None or route.full_hidden is None:
+                return None
+            hidden = output[0] if isinstance(output, tuple) else output
+            merged = scatter_back(route.full_hidden, hidden, route.selection)
+            route.full_hidden = None
+            return (merged,) + tuple(output[1:]) if isinstance(output, tuple) else merged
+        return hook
+
+    def _causal_mask(self, hidden: torch.Tensor, mask: torch.Tensor, cache: Any, layer: int):
         return create_causal_mask(
-            config=self.parts.text_config,
-            inputs_embeds=hidden,
-            attention_mask=mask,
-            past_key_values=cache,
-            layer_idx=level.first_layer,
+            config=self.parts.text_config, inputs_embeds=hidden, attention_mask=mask,
+            past_key_values=cache, layer_idx=layer,
         )
 
     # ------------------------------------------------------------------ stage 2

@@ -1,0 +1,161 @@
+"""Fitting ALVTS selectors to their layers' full-rank scores (ALGORITHMS.md 2.2)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from .methods.alvts import layer_counts
+from .models import family_for
+from .runtime.hooks import HookSet
+from .selectors import LayerSelector, LowRank, Selectors, layer_scores, svd_selectors
+
+
+@dataclass
+class LayerInput:
+    """What one decoder layer received for one sample batch (kept on the CPU).
+
+    hidden (B, S, D), rotary (cos, sin) each (B or 1, S, d), item (B, S) visual item per row
+    (-1 for text), valid (B, S) bool.
+    """
+
+    hidden: torch.Tensor
+    rotary: tuple[torch.Tensor, torch.Tensor]
+    item: torch.Tensor
+    valid: torch.Tensor
+
+
+def visual_items(visual: torch.Tensor) -> torch.Tensor:
+    """Number each maximal run of visual positions as one item: visual (B, S) bool -> (B, S) long, -1 elsewhere."""
+    starts = visual & ~torch.nn.functional.pad(visual, (1, 0))[:, :-1]
+    run = starts.flatten().cumsum(0).view_as(visual) - 1
+    return torch.where(visual, run, torch.full_like(run, -1))
+
+
+def collect_layer_inputs(model: torch.nn.Module, samples: Iterable[dict]) -> list[list[LayerInput]]:
+    """Run the unpruned model on each sample batch and keep every decoder layer's input.
+
+    Returns inputs[layer][sample]. Memory: samples x layers x S x D floats.
+    """
+    family = family_for(model)
+    layers = family.parts(model).layers
+    inputs: list[list[LayerInput]] = [[] for _ in layers]
+    hooks = HookSet()
+    layout: dict = {}
+
+    def capture(index: int):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            rotary = tuple(t.detach().cpu() for t in kwargs["position_embeddings"])
+            inputs[index].append(LayerInput(hidden.detach().cpu(), rotary, layout["item"], layout["valid"]))
+        return hook
+
+    try:
+        for i, layer in enumerate(layers):
+            hooks.pre(layer, capture(i))
+        with torch.no_grad():
+            for sample in samples:
+                positions = family.visual_positions(model, sample.get("input_ids"), sample.get("inputs_embeds"))
+                visual = torch.stack(list(positions.values())).any(0)
+                layout["item"] = visual_items(visual).cpu()
+                mask = sample.get("attention_mask")
+                layout["valid"] = (mask.bool() if mask is not None else torch.ones_like(visual)).cpu()
+                model(**sample)
+    finally:
+        hooks.remove()
+    return inputs
+
+
+def normalised(scores: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
+    """Scores of the visual rows, each item scaled so its mean is 1: (B, S) -> (n_visual,)."""
+    out = []
+    for g in item.unique().tolist():
+        if g >= 0:
+            s = scores[item == g]
+            out.append(s / s.mean().clamp(min=1e-30))
+    return torch.cat(out)
+
+
+def _topk_overlap(approx: torch.Tensor, oracle: torch.Tensor, item: torch.Tensor, k_of) -> float:
+    overlaps = []
+    for g in item.unique().tolist():
+        if g >= 0:
+            a, o = approx[item == g], oracle[item == g]
+            k = min(k_of(a.numel()), a.numel())
+            picked = set(a.argsort(descending=True, stable=True)[:k].tolist())
+            truth = set(o.argsort(descending=True, stable=True)[:k].tolist())
+            overlaps.append(len(picked & truth) / max(k, 1))
+    return sum(overlaps) / max(len(overlaps), 1)
+
+
+def layer_fidelity(layer, selector: LayerSelector | None, batches: list[LayerInput], k_of, oracle=None) -> dict:
+    """Top-k overlap with the oracle's choice and MSE of the normalised scores, averaged over batches."""
+    overlap, mse = [], []
+    with torch.no_grad():
+        for j, b in enumerate(batches):
+            truth = oracle[j] if oracle is not None else layer_scores(layer, b.hidden, b.rotary, b.item, b.valid)
+            approx = layer_scores(layer, b.hidden, b.rotary, b.item, b.valid, selector)
+            overlap.append(_topk_overlap(approx, truth, b.item, k_of))
+            mse.append(float((normalised(approx, b.item) - normalised(truth, b.item)).pow(2).mean()))
+    return {"topk_overlap": sum(overlap) / len(overlap), "score_mse": sum(mse) / len(mse)}
+
+
+def fit_layer(layer, selector: LayerSelector, batches: list[LayerInput], steps: int, lr: float) -> LayerSelector:
+    """Adam on the selector's four factors, minimising the normalised score MSE against the oracle."""
+    with torch.no_grad():
+        oracle = [normalised(layer_scores(layer, b.hidden, b.rotary, b.item, b.valid), b.item) for b in batches]
+    params = [p.detach().clone().requires_grad_(True) for p in selector.parameters()]
+    fitted = LayerSelector(LowRank(params[0], params[1]), LowRank(params[2], params[3]))
+    optimiser = torch.optim.Adam(params, lr=lr)
+    for step in range(steps):
+        j = step % len(batches)
+        b = batches[j]
+        approx = normalised(layer_scores(layer, b.hidden, b.rotary, b.item, b.valid, fitted), b.item)
+        loss = (approx - oracle[j]).pow(2).mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return LayerSelector(*(LowRank(a.detach(), b.detach()) for a, b in ((params[0], params[1]), (params[2], params[3]))))
+
+
+def calibrate_alvts(
+    model: torch.nn.Module,
+    samples: Iterable[dict],
+    rank: int = 256,
+    steps: int = 200,
+    lr: float = 1e-3,
+    start_layer: int = 1,
+    ratio: float = 64 / 576,
+    progress: bool = True,
+) -> Selectors:
+    """Fit one low-rank selector per decoder layer (from start_layer on) to the full-rank scores.
+
+    Each layer's input hidden states are collected from the unpruned model on `samples` (model
+    input dicts: input_ids, attention_mask, pixel_values, ...); each selector starts from the
+    truncated SVD of its layer's W_Q and W_K and is fitted independently, the model frozen.
+
+    Args:
+        rank: selector rank R (clipped to each projection's full rank).
+        steps: Adam steps per layer; lr: its learning rate.
+        ratio: budget (fraction of visual tokens) whose per-layer k the top-k overlap is measured at.
+    Returns:
+        Selectors with `fidelity[layer] = {"before": {...}, "after": {...}}` (top-k overlap, score MSE).
+    """
+    family = family_for(model)
+    layers = family.parts(model).layers
+    selectors = svd_selectors(model.config.model_type, layers, rank, start_layer)
+    inputs = collect_layer_inputs(model, list(samples))
+    fidelity: list[dict] = [{} for _ in layers]
+
+    def k_of(n: int, index: int = 0) -> int:
+        return layer_counts(n, ratio * n, len(layers), 0)[index]
+
+    for i in tqdm(range(start_layer, len(layers)), desc="calibrating ALVTS selectors", disable=not progress):
+        layer, batches = layers[i], inputs[i]
+        fidelity[i]["before"] = layer_fidelity(layer, selectors.layers[i], batches, lambda n: k_of(n, i))
+        selectors.layers[i] = fit_layer(layer, selectors.layers[i], batches, steps, lr)
+        fidelity[i]["after"] = layer_fidelity(layer, selectors.layers[i], batches, lambda n: k_of(n, i))
+    selectors.fidelity = fidelity
+    return selectors

@@ -1,0 +1,95 @@
+"""ALVTS: Adaptive Layer-wise Visual Token Selection (arXiv 2606.14277), ALGORITHMS.md section 2."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .base import Routing, Schedule, check_budget, mean_budget
+
+
+def layer_counts(n: int, mean: float, num_layers: int, start_layer: int) -> list[int]:
+    """Visual tokens each layer processes so that the mean over the layers is `mean` (rounded).
+
+    Layers before start_layer process all n; the rest share round(mean * L) - n * start_layer
+    tokens as evenly as possible (earlier layers get the remainder first is avoided: the split is
+    floor((i + 1) T / m) - floor(i T / m), which spreads it).
+
+    Raises ValueError when the budget is below what the unrouted layers already spend.
+    """
+    routed = num_layers - start_layer
+    total = round(mean * num_layers) - n * start_layer
+    if total < routed:
+        raise ValueError(
+            f"a mean of {mean:g} visual tokens per layer cannot be met when layers 0..{start_layer - 1} process all "
+            f"{n}: lower start_layer or raise the budget"
+        )
+    counts = [n] * start_layer
+    counts += [min(n, (i + 1) * total // routed - i * total // routed) for i in range(routed)]
+    return counts
+
+
+@dataclass(frozen=True)
+class ALVTS:
+    """Before each decoder layer from `start_layer` on, a calibrated low-rank selector picks the
+    visual tokens that layer processes; the others skip it unchanged and rejoin in place, so a
+    later layer may pick them again.
+
+    Paper: https://arxiv.org/abs/2606.14277.
+
+    Budget semantics: `budget` (tokens) or `ratio` (fraction of an image's tokens) is the mean
+    number of visual tokens per decoder layer per image; layers before `start_layer` process all of
+    them and the routed layers share the rest evenly (see `layer_counts`).
+
+    Attributes:
+        selectors: a `tokensieve.Selectors`, a path to a saved one, or None for SVD-only selectors
+            built on the fly at `rank` (less faithful than calibrated ones: see the README).
+        start_layer: first layer with a selector (the paper shows none before the first layer).
+        rank: rank of the on-the-fly SVD selectors (default: a quarter of the key width).
+    """
+
+    budget: float | None = None
+    ratio: float | None = None
+    selectors: object = None
+    start_layer: int = 1
+    rank: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.budget is None and self.ratio is None:
+            raise ValueError("ALVTS needs a budget (e.g. budget=64) or a ratio (e.g. ratio=0.11)")
+        check_budget(self.budget, self.ratio)
+        if self.start_layer < 0:
+            raise ValueError(f"start_layer must be >= 0, got {self.start_layer}")
+        if self.rank is not None and self.rank < 1:
+            raise ValueError(f"rank must be positive, got {self.rank}")
+        if self.selectors is not None and not isinstance(self.selectors, (str, Path)) and not hasattr(self.selectors, "layers"):
+            raise ValueError("selectors must be a tokensieve.Selectors, a path to one, or None")
+
+    def resolve_selectors(self, model_type: str, layers: torch.nn.ModuleList):
+        """The Selectors to use on this model (checked against it), loading or building them."""
+        from ..selectors import Selectors, model_identity, svd_selectors
+
+        if self.selectors is None:
+            rank = self.rank or max(1, layers[0].self_attn.k_proj.out_features // 4)
+            return svd_selectors(model_type, layers, rank, self.start_layer)
+        selectors = Selectors.load(self.selectors) if isinstance(self.selectors, (str, Path)) else self.selectors
+        selectors.check_model(model_identity(model_type, layers))
+        missing = [i for i in range(self.start_layer, len(layers)) if selectors.layers[i] is None]
+        if missing:
+            raise ValueError(f"the selectors have no selector for layers {missing}; calibrate from start_layer {self.start_layer}")
+        return selectors
+
+    def schedule(self, num_layers: int, family_defaults: dict, selectors=None) -> Schedule:
+        if not self.start_layer < num_layers:
+            raise ValueError(f"start_layer must be below the {num_layers} decoder layers, got {self.start_layer}")
+        from ..selectors import layer_scores
+
+        def keep(layer: int, n: int) -> int:
+            return layer_counts(n, mean_budget(self.budget, self.ratio, n), num_layers, self.start_layer)[layer]
+
+        def score(index, layer, hidden, rotary, item, valid):
+            return layer_scores(layer, hidden, rotary, item, valid, selectors.layers[index])
+
+        routing = Routing(self.start_layer, keep, score)
+        return Schedule(num_layers, lambda n: n, None, None, None, routing=routing)

@@ -1,0 +1,53 @@
+"""Per-layer routing (ALVTS): a layer runs on text + its selected visual rows; the rest skip it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..methods.base import Routing
+from .sequence import RowSelection, compact_rows
+from .state import Level, VisualItem
+
+
+@dataclass
+class Route:
+    """One layer's choice at prefill: keep (B, S_l) over its level's rows, and the compacted rows."""
+
+    keep: torch.Tensor
+    selection: RowSelection
+    full_hidden: torch.Tensor | None = None  # the layer's whole input, until its output is scattered
+
+
+def top_rows(scores: torch.Tensor, level: Level, items: list[VisualItem], layer: int, routing: Routing) -> torch.Tensor:
+    """keep (B, S) bool: every text/padding/pinned row, and each item's top-k visual rows by score.
+
+    Ties go to the earlier row (stable sort), so the choice is deterministic.
+    """
+    keep = (level.item < 0) | level.pinned
+    for i, item in enumerate(items):
+        rows = (level.item == i) & ~level.pinned
+        batch_row = int(rows.any(dim=1).nonzero()[0])
+        positions = rows[batch_row].nonzero().flatten()
+        k = min(positions.numel(), routing.keep(layer, item.budget_tokens))
+        order = scores[batch_row, positions].argsort(descending=True, stable=True)
+        keep[batch_row, positions[order[:k]]] = True
+    return keep
+
+
+def extend_keep(keep: torch.Tensor, length: int) -> torch.Tensor:
+    """A held prefill choice (B, S) extended with True for rows appended since: (B, length)."""
+    extra = torch.ones(keep.shape[0], length - keep.shape[1], dtype=torch.bool, device=keep.device)
+    return torch.cat([keep, extra], dim=1)
+
+
+def scatter_back(full: torch.Tensor, output: torch.Tensor, selection: RowSelection) -> torch.Tensor:
+    """Write a layer's output rows (B, S', D) over its full input (B, S, D) at the selected rows."""
+    merged = full.clone()
+    batch = torch.arange(full.shape[0], device=full.device)[:, None].expand_as(selection.gather_index)
+    merged[batch[selection.valid], selection.gather_index[selection.valid]] = output[selection.valid]
+    return merged
+
+
+def route_selection(keep: torch.Tensor) -> RowSelection:
+    return compact_rows(keep)
