@@ -83,6 +83,7 @@ class ALVTS:
     def schedule(self, num_layers: int, family_defaults: dict, selectors=None) -> Schedule:
         if not self.start_layer < num_layers:
             raise ValueError(f"start_layer must be below the {num_layers} decoder layers, got {self.start_layer}")
+        from ..flops import selector_flops
         from ..selectors import layer_scores
 
         def keep(layer: int, n: int) -> int:
@@ -91,5 +92,9 @@ class ALVTS:
         def score(index, layer, hidden, rotary, item, valid):
             return layer_scores(layer, hidden, rotary, item, valid, selectors.layers[index])
 
-        routing = Routing(self.start_layer, keep, score)
+        def flops(index: int, widths, rows: int, items: int) -> int:
+            query = selectors.layers[index].query
+            return selector_flops(widths, rows, query.a.shape[1], items)
+
+        routing = Routing(self.start_layer, keep, score, flops)
         return Schedule(num_layers, lambda n: n, None, None, None, routing=routing)

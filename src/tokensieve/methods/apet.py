@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..flops import apet_flops
 from ..ops.apet import apet_plan
 from ..ops.plan import ReductionPlan
 from .base import Schedule, check_budget, mean_budget
@@ -94,7 +95,10 @@ class ApET:
         def plan(x: torch.Tensor, keep: int, stage: str) -> ReductionPlan:
             return apet_plan(x, keep, self.num_basis, self.eps, blend, self.merge, start=self._start(x))
 
-        return Schedule(num_layers, stage1_keep, layer, stage2_keep, plan, min_keep=self.num_basis + 1)
+        return Schedule(
+            num_layers, stage1_keep, layer, stage2_keep, plan, min_keep=self.num_basis + 1,
+            plan_flops=lambda n, keep, width: apet_flops(n, keep, self.num_basis, width),
+        )
 
     def _start(self, x: torch.Tensor) -> int | None:
         if self.seed is None:

@@ -26,6 +26,7 @@ class Routing:
     start_layer: int
     keep: Callable[[int, int], int]
     score: Callable[..., torch.Tensor]
+    flops: Callable[..., int] | None = None  # (layer, Widths, rows scored, items) -> FLOPs
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,9 @@ class Schedule:
         stage2_layer: first decoder layer that sees the stage-2 reduction (None: no stage 2).
         stage2_keep: n -> tokens stage 2 keeps of an item whose budget counts n tokens.
         plan: (x (G, N, D), keep, stage name) -> ReductionPlan of G items of N tokens each.
+        min_keep: fewest tokens a stage may keep of an item it reduces.
+        routing: per-layer selection (ALVTS), or None.
+        plan_flops: (n, keep, width) -> FLOPs of one item's plan, for the selection's share.
     """
 
     num_layers: int
@@ -47,6 +51,7 @@ class Schedule:
     plan: PlanFn | None
     min_keep: int = 1
     routing: Routing | None = None
+    plan_flops: Callable[[int, int, int], int] | None = None  # (n, keep, width) -> FLOPs of one plan
 
     def check_item(self, n: int) -> None:
         """ValueError if a stage would have to keep fewer than min_keep of an item's n tokens."""

@@ -81,7 +81,9 @@ def packed_layout(
     size = [int(s) for s in image_size]
     grid_h, grid_w = helpers.get_anyres_image_grid_shape(size, grid_pinpoints, crop_pixels)
     if crops != 1 + grid_h * grid_w:
-        raise RuntimeError(f"an image of size {size} has {crops} crops but its {grid_h}x{grid_w} AnyRes grid needs {1 + grid_h * grid_w}")
+        raise RuntimeError(
+            f"an image of size {size} has {crops} crops but its {grid_h}x{grid_w} AnyRes grid needs {1 + grid_h * grid_w}"
+        )
     index = torch.arange((crops - 1) * n).view(grid_h, grid_w, crop_side, crop_side)
     index = index.permute(0, 2, 1, 3).reshape(1, grid_h * crop_side, grid_w * crop_side)
     kept = helpers.unpad_image(index, size)[0]  # (h, w): tile-token index of each unpadded grid cell
@@ -171,8 +173,7 @@ class _Encoding:
 
     @property
     def crops(self) -> int:
-        last = self.images[-1]
-        return last.first_crop + last.layout.position.shape[0]
+        return sum(image.layout.position.shape[0] for image in self.images)
 
 
 class AnyResFamily(Family):
@@ -200,8 +201,8 @@ class AnyResFamily(Family):
     def _crop_plan(self, model: torch.nn.Module, arguments: dict) -> tuple[list[int], int | None]:
         """(crops of each image, max_tiles) for one get_image_features call."""
         config = model.config
-        shapes = [self.helpers.get_anyres_image_grid_shape(size, config.image_grid_pinpoints, config.vision_config.image_size)
-                  for size in arguments["image_sizes"]]
+        grid = self.helpers.get_anyres_image_grid_shape
+        shapes = [grid(size, config.image_grid_pinpoints, config.vision_config.image_size) for size in arguments["image_sizes"]]
         return [1 + h * w for h, w in shapes], None
 
     def _wrap_other_encoders(self, model: torch.nn.Module, hooks: HookSet) -> None:
@@ -215,17 +216,19 @@ class AnyResFamily(Family):
                 raise ValueError(f"{type(model).__name__} has no model.{name}; is it a {self.model_types[0]} model?")
         for name in ("get_image_features", "pack_image_features"):
             if name in vars(outer):
-                raise ValueError(f"model.model.{name} is already replaced on this instance (another tokensieve handle?); remove it first")
+                raise ValueError(
+                    f"model.model.{name} is already replaced on this instance (another tokensieve handle?); remove it first"
+                )
         if not isinstance(model.config.image_grid_pinpoints, list):
             raise ValueError("config.image_grid_pinpoints must be a list of [height, width] resolutions")
 
     def install_stage1(self, model: torch.nn.Module, session: Any, hooks: HookSet) -> None:
         outer = model.model
         state: dict[str, _Encoding | None] = {"encoding": None}
-        hooks.wrap_method(outer, "get_image_features", lambda original: self._encode_wrapper(model, session, state, original))
+        hooks.wrap_method(outer, "get_image_features", lambda fn: self._encode_wrapper(model, session, state, fn))
         hooks.pre(outer.multi_modal_projector, lambda m, a, k: self._reduce(session, state["encoding"], a, k))
         hooks.post(outer.multi_modal_projector, lambda m, a, k, out: self._restore(state["encoding"], out))
-        hooks.wrap_method(outer, "pack_image_features", lambda original: self._pack_wrapper(session, state, original))
+        hooks.wrap_method(outer, "pack_image_features", lambda fn: self._pack_wrapper(session, state, fn))
         self._wrap_other_encoders(model, hooks)
 
     # ------------------------------------------------------------------ get_image_features
@@ -267,7 +270,8 @@ class AnyResFamily(Family):
         if layout.resized.any():
             parts.append(_Part(None, layout.resized.nonzero().flatten(), 0))
         keep = session.stage1_keep(layout.budget_tokens)
-        for part, part_keep in zip(parts, split_keep(keep, [p.index.numel() for p in parts], session.schedule.min_keep)):
+        keeps = split_keep(keep, [p.index.numel() for p in parts], session.schedule.min_keep)
+        for part, part_keep in zip(parts, keeps):
             part.keep = part_keep
         return parts
 
@@ -281,14 +285,27 @@ class AnyResFamily(Family):
         if features.shape[0] != encoding.crops or features.shape[1] != encoding.crop_tokens:
             raise RuntimeError(
                 f"the projector received features of shape {tuple(features.shape)}, expected {encoding.crops} crops of "
-                f"{encoding.crop_tokens} tokens; this vision_feature_select_strategy / tower combination is not supported"
+                f"{encoding.crop_tokens} tokens; this vision tower / vision_feature_select_strategy pair is not supported"
             )
         parts = [p for image in encoding.images for p in image.parts if p.crop is not None]
-        plans = session.plan_items([features[p.crop, p.index.to(features.device)] for p in parts], [p.keep for p in parts])
+        inputs = [features[p.crop, p.index.to(features.device)] for p in parts]
+        plans = session.plan_items(inputs, [p.keep for p in parts])
         for part, plan in zip(parts, plans):
             part.kept = plan.kept_index[0].cpu() if plan is not None else torch.arange(part.index.numel())
         if all(plan is None for plan in plans):
             return None
+        reduced, encoding.scatter_index = AnyResFamily._projector_rows(encoding, features, parts, plans)
+        if args:
+            return (reduced[None],) + tuple(args[1:]), kwargs
+        return args, {**kwargs, "image_features": reduced[None]}
+
+    @staticmethod
+    def _projector_rows(encoding: _Encoding, features: torch.Tensor, parts: list[_Part], plans: list) -> tuple:
+        """The rows the projector maps: (T, D_vision) and the flat (crop * N + token) index of each, (T,).
+
+        Every vision-space part gives its kept (merged) rows; the tiles of resized images go in whole, as
+        the model interpolates them after the projector; crop tokens cut by unpadding are left out.
+        """
         rows, index = [], []
         for part, plan in zip(parts, plans):
             x = features[part.crop, part.index.to(features.device)]
@@ -299,9 +316,7 @@ class AnyResFamily(Family):
                 for crop in range(image.first_crop + 1, image.first_crop + image.layout.position.shape[0]):
                     rows.append(features[crop])
                     index.append(crop * encoding.crop_tokens + torch.arange(encoding.crop_tokens))
-        encoding.scatter_index = torch.cat(index).to(features.device)
-        reduced = torch.cat(rows)[None]
-        return ((reduced,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "image_features": reduced})
+        return torch.cat(rows), torch.cat(index).to(features.device)
 
     @staticmethod
     def _restore(encoding: _Encoding | None, output: torch.Tensor):
@@ -320,6 +335,7 @@ class AnyResFamily(Family):
             encoding = state["encoding"]
             if encoding is None:
                 return features, lengths
+            self._check_lengths(encoding, features)
             features = self._reduce_resized(session, encoding, list(features))
             for image, packed in zip(encoding.images, features):
                 session.add_item(self._item(image, packed))
@@ -328,19 +344,24 @@ class AnyResFamily(Family):
         return wrapper
 
     @staticmethod
-    def _reduce_resized(session, encoding: _Encoding, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Reduce the interpolated tile tokens of resized images in the projected space.
-
-        features: per image, its (P, D_text) packed tokens; returns them with the kept rows replaced.
-        """
+    def _check_lengths(encoding: _Encoding, features: Sequence[torch.Tensor]) -> None:
+        """RuntimeError unless every packed (P, D_text) image has the length its layout predicts."""
         for image, packed in zip(encoding.images, features):
             if packed.shape[0] != image.layout.length:
                 raise RuntimeError(
                     f"the model packed an image into {packed.shape[0]} tokens, the layout computed for it has "
                     f"{image.layout.length}; this transformers version packs differently"
                 )
+
+    @staticmethod
+    def _reduce_resized(session, encoding: _Encoding, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Reduce the interpolated tile tokens of resized images in the projected space.
+
+        features: per image, its (P, D_text) packed tokens; returns them with the kept rows replaced.
+        """
         members = [(i, p) for i, image in enumerate(encoding.images) for p in image.parts if p.crop is None]
-        plans = session.plan_items([features[i][p.index.to(features[i].device)] for i, p in members], [p.keep for _, p in members])
+        inputs = [features[i][p.index.to(features[i].device)] for i, p in members]
+        plans = session.plan_items(inputs, [p.keep for _, p in members])
         for (i, part), plan in zip(members, plans):
             if plan is None:
                 part.kept = torch.arange(part.index.numel())

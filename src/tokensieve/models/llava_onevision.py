@@ -22,7 +22,9 @@ def max_tiles_of(vision_aspect_ratio: str) -> int:
     """K of an "anyres_max_K" vision_aspect_ratio; ValueError for any other form."""
     match = re.fullmatch(r"anyres_max_(\d+)", str(vision_aspect_ratio))
     if match is None:
-        raise ValueError(f"vision_aspect_ratio {vision_aspect_ratio!r} is not of the form 'anyres_max_K' that LLaVA-OneVision uses")
+        raise ValueError(
+            f"vision_aspect_ratio {vision_aspect_ratio!r} is not of the form 'anyres_max_K' that LLaVA-OneVision uses"
+        )
     return int(match.group(1))
 
 
@@ -55,5 +57,7 @@ class LlavaOnevisionFamily(AnyResFamily):
     def check(self, model: torch.nn.Module) -> None:
         super().check(model)
         if "get_video_features" in vars(model.model):
-            raise ValueError("model.model.get_video_features is already replaced on this instance; remove the other handle first")
+            raise ValueError(
+                "model.model.get_video_features is already replaced on this instance; remove the other handle first"
+            )
         max_tiles_of(model.config.vision_aspect_ratio)

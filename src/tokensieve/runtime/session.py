@@ -6,6 +6,7 @@ from typing import Any, Sequence
 import torch
 from transformers.masking_utils import create_causal_mask
 
+from ..flops import Widths
 from ..methods.base import Schedule
 from ..ops.plan import ReductionPlan
 from .hooks import HookSet
@@ -40,6 +41,7 @@ class Session:
         self.visual_positions: dict[str, torch.Tensor] | None = None
         self.sequence: SequenceState | None = None
         self.stats: Stats | None = None
+        self.encoding_flops: dict[str, int] = {}  # stage-1 selection FLOPs of the last encoding per modality
         self.routes: dict[int, Route] = {}
         self.hold_routes = False  # reuse the last prefill's routing for longer prefills of the same prompt
 
@@ -78,7 +80,8 @@ class Session:
         for i, (x, keep) in enumerate(zip(features, keeps)):
             if keep < x.shape[0]:
                 groups.setdefault((x.shape[0], keep), []).append(i)
-        for (_, keep), members in groups.items():
+        for (n, keep), members in groups.items():
+            self._count_plan_flops(self.encoding_flops, features[members[0]], n, keep, len(members))
             plan = self.schedule.plan(torch.stack([features[i] for i in members]), keep, "stage1")
             for j, i in enumerate(members):
                 plans[i] = ReductionPlan(
@@ -89,6 +92,11 @@ class Session:
     def begin_items(self, modality: str) -> None:
         """A new encoding of this modality starts: forget the items of the previous one."""
         self.items[modality] = []
+        self.encoding_flops[modality] = 0
+
+    def _count_plan_flops(self, totals: dict, x: torch.Tensor, n: int, keep: int, count: int, key: str = "image") -> None:
+        if self.schedule.plan_flops is not None:
+            totals[key] = totals.get(key, 0) + count * self.schedule.plan_flops(n, keep, x.shape[-1])
 
     def add_item(self, item: VisualItem) -> None:
         self.items.setdefault(item.modality, []).append(item)
@@ -137,9 +145,12 @@ class Session:
         self.sequence = SequenceState(original_length=length, levels=[level], items=items)
         self.stats = Stats(
             tokens_per_layer=torch.zeros(batch, len(self.parts.layers), dtype=torch.long),
+            rows_per_layer=torch.zeros(batch, len(self.parts.layers), dtype=torch.long),
             kept=[{"stage1": it.keep.nonzero().flatten()} for it in items],
             rows=self._item_rows(item, len(items)),
             items=items,
+            selection_flops=sum(self.encoding_flops.values()),
+            widths=Widths.of(self.parts.text_config),
         )
         return out
 
@@ -251,7 +262,7 @@ class Session:
             if prefill:
                 if hidden.shape[1] != level.length:
                     raise RuntimeError(f"layer {index} received {hidden.shape[1]} rows, expected {level.length}")
-                self.stats.tokens_per_layer[:, index] = level.visual_count()
+                self.stats.tokens_per_layer[:, index], self.stats.rows_per_layer[:, index] = level.counts()
             if level.first_layer > 0:
                 kwargs = self._narrow_layer_kwargs(index, level, hidden, kwargs, prefill)
             routing = self.schedule.routing
@@ -303,7 +314,9 @@ class Session:
         if kwargs.get("position_ids") is not None:
             out["position_ids"] = selection.gather(kwargs["position_ids"], -1)
         routed_item = selection.gather(level.item, 1).masked_fill(~selection.valid, -1)
-        self.stats.tokens_per_layer[:, index] = (routed_item >= 0).sum(dim=1).cpu()
+        routed_valid = selection.valid & selection.gather(level.mask, 1).bool()
+        self.stats.tokens_per_layer[:, index] = ((routed_item >= 0) & routed_valid).sum(dim=1).cpu()
+        self.stats.rows_per_layer[:, index] = routed_valid.sum(dim=1).cpu()
         routed_slot = selection.gather(level.slot, 1)
         for i, kept in enumerate(self.stats.kept):
             kept[f"layer{index}"] = routed_slot[routed_item == i].sort().values.cpu()
@@ -317,6 +330,11 @@ class Session:
             routing = self.schedule.routing
             rotary = kwargs["position_embeddings"]
             scores = routing.score(index, layer, hidden, rotary, level.item, level.selection.valid)
+            if routing.flops is not None:
+                _, rows = level.counts()
+                items_per_row = [sum(r == b for r in self.stats.rows) for b in range(len(rows))]
+                self.stats.selection_flops += sum(
+                    routing.flops(index, self.stats.widths, int(r), n) for r, n in zip(rows, items_per_row))
             keep = top_rows(scores, level, self.sequence.items, index, routing)
         return Route(keep=keep, selection=compact_rows(keep), full_hidden=hidden)
 
@@ -370,8 +388,11 @@ class Session:
             target = min(positions.numel(), self.schedule.stage2_keep(item.budget_tokens))
             if target < positions.numel():
                 groups.setdefault((positions.numel(), target), []).append((batch_row, positions))
-        for (_, target), members in groups.items():
+        for (n, target), members in groups.items():
             x = torch.stack([hidden[b, p] for b, p in members])
+            flops: dict = {}
+            self._count_plan_flops(flops, x, n, target, len(members))
+            self.stats.selection_flops += sum(flops.values())
             plan = self.schedule.plan(x, target, "stage2")
             reduced = plan.apply(x)
             for j, (b, positions) in enumerate(members):

@@ -59,11 +59,12 @@ class Level:
     def length(self) -> int:
         return self.item.shape[1]
 
-    def visual_count(self) -> torch.Tensor:
-        """(B,) visual rows each batch row holds at this level (on the CPU, computed once)."""
+    def counts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) visual rows and (B,) non-padding rows each batch row holds here (CPU, computed once)."""
         if self._count is None:
-            self._count = ((self.item >= 0) & self.selection.valid).sum(dim=1).cpu()
-        return self._count
+            valid = self.selection.valid & self.mask.bool()
+            self._count = torch.stack([((self.item >= 0) & valid).sum(1), valid.sum(1)]).cpu()
+        return self._count[0], self._count[1]
 
     @staticmethod
     def select(selection: RowSelection, item: torch.Tensor, slot: torch.Tensor, pinned: torch.Tensor,
@@ -106,16 +107,36 @@ class Stats:
     Attributes:
         tokens_per_layer: (B, L) long: visual tokens each decoder layer processed, counted on the
             hidden states each layer actually received.
+        rows_per_layer: (B, L) long: all non-padding rows (text + visual) each layer processed.
         kept: one dict per visual item (in sequence order): stage name -> (k,) long indices of the
             item's placeholder tokens that stage kept.
         rows: the batch row of each visual item.
         items: the VisualItem records (modality, grid, ...).
+        selection_flops: FLOPs the method itself spent choosing (stage-1 plans of the last
+            encoding, stage-2 plans, per-layer selectors).
+        widths: the language model's widths, for `decoder_flops`.
     """
 
     tokens_per_layer: torch.Tensor
+    rows_per_layer: torch.Tensor
     kept: list[dict[str, torch.Tensor]] = field(default_factory=list)
     rows: list[int] = field(default_factory=list)
     items: list[VisualItem] = field(default_factory=list)
+
+    selection_flops: int = 0
+    widths: object = None
+
+    @property
+    def decoder_flops(self) -> int:
+        """Analytic prefill FLOPs of the decoder layers over the batch (see tokensieve.flops)."""
+        from ..flops import decoder_layer_flops
+
+        return sum(decoder_layer_flops(self.widths, int(rows)) for rows in self.rows_per_layer.flatten())
+
+    @property
+    def selection_share(self) -> float:
+        """The selection's FLOPs as a fraction of the decoder's plus the selection's."""
+        return self.selection_flops / max(1, self.selection_flops + self.decoder_flops)
 
     @property
     def mean_tokens_per_layer(self) -> torch.Tensor:
