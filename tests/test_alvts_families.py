@@ -9,6 +9,7 @@ import torch
 import tokensieve as ts
 from contract import check_attention_implementations, check_batch_equals_rows, check_keep_all, forward_logits, greedy
 from tiny_llava_next import KINDS, SIZES, anyres_inputs, row_inputs, tiny_anyres
+from tiny_qwen import MODEL_TYPES, qwen_inputs, row, tiny_qwen
 
 ALVTS = ts.ALVTS(ratio=0.2, start_layer=0, rank=8)
 
@@ -59,3 +60,29 @@ def test_anyres_newlines_are_routed_through_every_layer(anyres):
 def test_anyres_sdpa_equals_eager(anyres):
     kind, _, batch = anyres
     check_attention_implementations(lambda attn: tiny_anyres(kind, attn), batch, ALVTS, steps=3)
+
+
+@pytest.fixture(scope="module", params=MODEL_TYPES)
+def qwen(request):
+    model = tiny_qwen(request.param)
+    return request.param, model, qwen_inputs(request.param, [(3, (16, 16), 4), (2, (16, 20), 3)])
+
+
+def test_qwen_keep_all(qwen):
+    _, model, batch = qwen
+    check_keep_all(model, batch, ts.ALVTS(ratio=1.0, rank=4))
+
+
+def test_qwen_cached_equals_held(qwen):
+    _, model, batch = qwen
+    check_cached_equals_held(model, batch, ALVTS)
+
+
+def test_qwen_batch_equals_rows(qwen):
+    _, model, batch = qwen
+    check_batch_equals_rows(model, batch, [row(batch, 0), row(batch, 1)], ALVTS, steps=3)
+
+
+def test_qwen_sdpa_equals_eager(qwen):
+    kind, _, batch = qwen
+    check_attention_implementations(lambda attn: tiny_qwen(kind, attn), batch, ALVTS, steps=3)

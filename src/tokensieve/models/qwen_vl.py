@@ -19,9 +19,11 @@ layers. Each is reduced with the SAME ReductionPlan as the main features, so kep
 `gather_language_kwargs` narrows `visual_pos_masks` and `deepstack_visual_embeds` at the entry.
 Stage 2 must come after the last deepstack layer (see `Qwen3VLFamily`).
 
-Decoding: generate computes the position ids of new tokens from the uncompressed prompt (the last
-original position + 1, or the full attention mask and `rope_deltas`), so decoding continues at the
-original positions; the runtime only narrows the prefill's mask columns.
+Decoding: generate passes the position ids of new tokens, continued from the uncompressed prompt's
+(the last original position + 1), so decoding continues at the original positions; the runtime
+only narrows the prefill's mask columns. A hand-written loop that passes neither position ids nor
+an attention mask would get positions from the (shortened) cache length; `decode_positions_hook`
+gives it the original ones.
 """
 from __future__ import annotations
 
@@ -75,11 +77,44 @@ def frames_keep(spans: Sequence[Span], plans: Sequence[ReductionPlan | None], de
     return torch.cat(parts)
 
 
+def check_spans(schedule: Any, n: int, spans: Sequence[Span]) -> None:
+    """ValueError unless the spans cover the item's n tokens and each stage can reduce every frame and the item."""
+    described = sum(length for _, length in spans)
+    if described != n:
+        raise ValueError(f"grid_thw describes {described} tokens but the vision tower returned {n} for this item")
+    for length in {length for _, length in spans} | {n}:
+        schedule.check_item(length)
+
+
 def selected_positions(selection: RowSelection, length: int) -> torch.Tensor:
     """(B, length) bool: the original positions a RowSelection keeps (new padding slots select nothing)."""
     index = selection.gather_index.masked_fill(~selection.valid, length)  # padding -> a spare column
     selected = torch.zeros(index.shape[0], length + 1, dtype=torch.bool, device=index.device)
     return selected.scatter_(1, index, True)[:, :length]
+
+
+def decode_positions_hook(session: Any) -> Callable:
+    """Pre-hook on the outer model: original M-RoPE positions for a decoding step given neither
+    position_ids nor attention_mask (a hand-written loop; generate always passes both).
+
+    The model would derive them from the cache length, which compression shortened; this uses the
+    uncompressed length instead: (3, B, q) = original length + decoded + arange(q) + rope_deltas (B, 1).
+    """
+
+    def hook(module, args, kwargs):
+        state, cache = session.sequence, kwargs.get("past_key_values")
+        if state is None or cache is None or cache.get_seq_length() == 0 or module.rope_deltas is None:
+            return None
+        if args or kwargs.get("position_ids") is not None or kwargs.get("attention_mask") is not None:
+            return None
+        tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+        batch, queries = tokens.shape[:2]
+        start = state.original_length + state.decoded
+        positions = torch.arange(start, start + queries, device=tokens.device).expand(3, batch, queries)
+        deltas = module.rope_deltas.repeat_interleave(batch // module.rope_deltas.shape[0], dim=0)
+        return args, {**kwargs, "position_ids": positions + deltas.to(tokens.device)}
+
+    return hook
 
 
 class _Reentry:
@@ -113,6 +148,7 @@ class QwenVLFamily(Family):
         for modality in ("image", "video"):
             make = self._wrapper_factory(modality, merge, session, reentry)
             hooks.wrap_method(outer, f"get_{modality}_features", make)
+        hooks.pre(outer, decode_positions_hook(session))
 
     def _wrapper_factory(self, modality: str, merge: int, session: Any, reentry: _Reentry) -> Callable:
         def make_wrapper(original: Callable) -> Callable:
@@ -120,14 +156,14 @@ class QwenVLFamily(Family):
                 if reentry.active:
                     return original(*args, **kwargs)
                 grid_thw = kwargs.get(f"{modality}_grid_thw", args[1] if len(args) > 1 else None)
+                if grid_thw is None:
+                    raise ValueError(f"get_{modality}_features needs {modality}_grid_thw to split the features")
                 as_tuple = kwargs.get("return_dict") is False
                 reentry.active = True
                 try:
                     output = original(*args, **{**kwargs, "return_dict": True})
                 finally:
                     reentry.active = False
-                if grid_thw is None:
-                    raise ValueError(f"get_{modality}_features needs {modality}_grid_thw to split the features")
                 self._stage1(output, grid_thw, merge, modality, session)
                 return output.to_tuple() if as_tuple else output
 
@@ -145,36 +181,33 @@ class QwenVLFamily(Family):
         deepstack = list(getattr(output, "deepstack_features", None) or [])
         session.begin_items(modality)
         spans = frame_spans(grid_thw, merge)
-        plans = self._plans(features, spans, session)
+        plans = self._plans(features, spans, session, modality)
         output.pooler_output = tuple(reduce_frames(x, s, p) for x, s, p in zip(features, spans, plans))
         if deepstack:
             output.deepstack_features = [
-                tuple(layer) for layer in deepstack
+                tuple(reduce_frames(x, s, p) for x, s, p in zip(layer, spans, plans)) for layer in deepstack
             ]
         for x, item_spans, item_plans, (t, h, w) in zip(features, spans, plans, grid_thw.tolist()):
             grid = (h // merge, w // merge) if t == 1 else None
             keep = frames_keep(item_spans, item_plans, x.device)
-            session.add_item(VisualItem(modality, keep, grid=grid))
+            segments = tuple(length for _, length in item_spans) if len(item_spans) > 1 else None
+            session.add_item(VisualItem(modality, keep, grid=grid, segments=segments))
 
     @staticmethod
     def _plans(
-        features: Sequence[torch.Tensor], spans: list[list[Span]], session: Any
+        features: Sequence[torch.Tensor], spans: list[list[Span]], session: Any, modality: str
     ) -> list[list[ReductionPlan | None]]:
         """Stage-1 plans per item and frame group (equal sizes are planned as one batch).
 
         features: one (n_i, D) per item. Checks every frame and item against the method's minimum first.
         """
         for x, item_spans in zip(features, spans):
-            if sum(length for _, length in item_spans) != x.shape[0]:
-                raise ValueError(f"grid_thw describes {sum(n for _, n in item_spans)} tokens but the item has {x.shape[0]}")
-            for _, length in item_spans:
-                session.schedule.check_item(length)
-            if len(item_spans) > 1:
-                session.schedule.check_item(x.shape[0])
+            check_spans(session.schedule, x.shape[0], item_spans)
         units = [(i, start, length) for i, item_spans in enumerate(spans) for start, length in item_spans]
         flat = session.plan_items(
             [features[i][start : start + length] for i, start, length in units],
             [session.stage1_keep(length) for _, _, length in units],
+            modality,
         )
         plans: list[list[ReductionPlan | None]] = [[] for _ in spans]
         for (i, _, _), plan in zip(units, flat):

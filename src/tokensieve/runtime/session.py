@@ -70,7 +70,9 @@ class Session:
     def stage1_keep(self, budget_tokens: int) -> int:
         return self.schedule.stage1_keep(budget_tokens)
 
-    def plan_items(self, features: Sequence[torch.Tensor], keeps: Sequence[int]) -> list[ReductionPlan | None]:
+    def plan_items(
+        self, features: Sequence[torch.Tensor], keeps: Sequence[int], modality: str = "image"
+    ) -> list[ReductionPlan | None]:
         """Stage-1 plans for items of (n_i, D) features keeping keeps[i] each (None: keep all).
 
         Items of equal (n, keep) are reduced together as one batch.
@@ -81,7 +83,7 @@ class Session:
             if keep < x.shape[0]:
                 groups.setdefault((x.shape[0], keep), []).append(i)
         for (n, keep), members in groups.items():
-            self._count_plan_flops(self.encoding_flops, features[members[0]], n, keep, len(members))
+            self._count_plan_flops(self.encoding_flops, features[members[0]], n, keep, len(members), modality)
             plan = self.schedule.plan(torch.stack([features[i] for i in members]), keep, "stage1")
             for j, i in enumerate(members):
                 plans[i] = ReductionPlan(
@@ -329,7 +331,8 @@ class Session:
         else:
             routing = self.schedule.routing
             rotary = kwargs["position_embeddings"]
-            scores = routing.score(index, layer, hidden, rotary, level.item, level.selection.valid)
+            valid = level.selection.valid & level.mask.bool()
+            scores = routing.score(index, layer, hidden, rotary, level.item, valid)
             if routing.flops is not None:
                 _, rows = level.counts()
                 items_per_row = [sum(r == b for r in self.stats.rows) for b in range(len(rows))]
@@ -382,12 +385,13 @@ class Session:
         reducible = (level.item >= 0) & ~level.pinned
         groups: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
         for i, item in enumerate(items):
-            rows = (level.item == i) & reducible
-            batch_row = int(rows.any(dim=1).nonzero()[0])
-            positions = rows[batch_row].nonzero().flatten()
-            target = min(positions.numel(), self.schedule.stage2_keep(item.budget_tokens))
-            if target < positions.numel():
-                groups.setdefault((positions.numel(), target), []).append((batch_row, positions))
+            for start, length, budget_tokens in item.spans():
+                rows = (level.item == i) & reducible & (level.slot >= start) & (level.slot < start + length)
+                batch_row = int(rows.any(dim=1).nonzero()[0])
+                positions = rows[batch_row].nonzero().flatten()
+                target = min(positions.numel(), self.schedule.stage2_keep(budget_tokens))
+                if target < positions.numel():
+                    groups.setdefault((positions.numel(), target), []).append((batch_row, positions))
         for (n, target), members in groups.items():
             x = torch.stack([hidden[b, p] for b, p in members])
             flops: dict = {}

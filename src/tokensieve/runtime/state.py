@@ -18,6 +18,8 @@ class VisualItem:
         pinned: (n,) bool or None: structural tokens (image newlines) every stage keeps.
         budget_tokens: token count the budget is measured against (n less the pinned tokens).
         grid: (rows, cols) of the token grid where the item is one plain grid, for pictures.
+        segments: lengths of consecutive slot runs that are budgeted and reduced separately (a
+            video's frames); None: the whole item is one segment.
     """
 
     modality: str
@@ -25,6 +27,14 @@ class VisualItem:
     pinned: torch.Tensor | None = None
     budget_tokens: int | None = None
     grid: tuple[int, int] | None = None
+    segments: tuple[int, ...] | None = None
+
+    def spans(self) -> list[tuple[int, int, int]]:
+        """(first slot, slot count, budget tokens) of each separately reduced segment."""
+        if self.segments is None:
+            return [(0, self.keep.numel(), self.budget_tokens)]
+        starts = [sum(self.segments[:i]) for i in range(len(self.segments))]
+        return [(start, length, length) for start, length in zip(starts, self.segments)]
 
     def __post_init__(self) -> None:
         if self.budget_tokens is None:
