@@ -33,14 +33,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--repeats", type=_positive_int, default=9,
                       help="timed prefills per configuration after a warm-up (default: %(default)s)")
     demo.add_argument("--out", default=DEFAULT_OUT, help="PNG of the kept tokens (default: %(default)s)")
+    demo.add_argument("--threads", type=_positive_int, default=None,
+                      help="torch CPU threads (default: torch's own choice); 1 gives steadier timings on a busy machine")
     demo.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
     demo.set_defaults(run=_run_demo)
     return parser
 
 
 def _run_demo(args: argparse.Namespace) -> int:
+    import torch
+
     from .demo import DemoConfig, run_demo
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     run_demo(budgets=args.budgets, repeats=args.repeats, out=args.out, config=DemoConfig(seed=args.seed))
     return 0
 

@@ -7,6 +7,7 @@ tokens each decoder layer processes, and the prefill time against the full model
 """
 from __future__ import annotations
 
+import importlib.util
 import re
 import statistics
 import time
@@ -302,9 +303,12 @@ def echo_answers(model, inputs: dict, vocab: WordVocab, budget: int, steps: int,
 
 # ---------------------------------------------------------------------------- the demo
 def check_budgets(budgets: Sequence[int], config: DemoConfig) -> None:
-    """ValueError, before any model is built, for a budget ApET cannot meet on the demo's image."""
+    """ValueError, before any model is built, for a budget ApET cannot meet on the demo's image
+    (or when matplotlib, needed for the picture, is missing)."""
     if not budgets:
         raise ValueError("give at least one budget, e.g. --budgets 192 128 64")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ValueError("the demo draws its picture with matplotlib: pip install matplotlib (or tokensieve[dev])")
     rows, cols = config.grid
     for budget in budgets:
         ApET(budget=budget).schedule(config.text_layers, {}).check_item(rows * cols)
@@ -360,7 +364,7 @@ def run_demo(
         image, config.grid,
         [(f"ApET, budget {e.budget}", e.kept) for e in entries if e.name == "ApET"],
         out,
-        title=f"Visual tokens ApET kept (LLaVA-1.5-shaped model, random weights; dimmed = dropped)",
+        title="Visual tokens ApET kept (LLaVA-1.5-shaped model, random weights; dimmed = dropped)",
     )
     echo(f"\nwrote {path}: the image with the tokens each stage dropped dimmed and the kept ones outlined")
     return DemoResult(entries, table, overheads, path)

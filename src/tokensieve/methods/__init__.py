@@ -2,5 +2,6 @@
 from .alvts import ALVTS
 from .apet import ApET
 from .base import Schedule
+from .replay import Replay
 
-__all__ = ["ALVTS", "ApET", "Schedule"]
+__all__ = ["ALVTS", "ApET", "Replay", "Schedule"]
