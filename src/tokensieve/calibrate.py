@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -159,3 +160,49 @@ def calibrate_alvts(
         fidelity[i]["after"] = layer_fidelity(layer, selectors.layers[i], batches, lambda n: k_of(n, i))
     selectors.fidelity = fidelity
     return selectors
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def image_paths(paths: Iterable[str]) -> list[Path]:
+    """Files as given, and the image files inside given folders (sorted); ValueError if none."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise ValueError(f"no such image file or folder: {path}")
+    if not found:
+        raise ValueError("no images found; pass image files or folders holding .png/.jpg files")
+    return found
+
+
+def load_model_and_samples(model_dir: str, images: Iterable[str], prompt: str):
+    """A saved VLM (SDPA, eval) and one processed sample per image with `prompt`."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    paths = image_paths(images)
+    if not Path(model_dir).is_dir():
+        raise ValueError(f"{model_dir} is not a folder; save the model and its processor there with save_pretrained")
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, attn_implementation="sdpa").eval()
+    samples = []
+    for path in paths:
+        with Image.open(path) as image:
+            samples.append(dict(processor(images=image.convert("RGB"), text=prompt, return_tensors="pt")))
+    return model, samples
+
+
+def fidelity_table(selectors: Selectors) -> str:
+    """One line per calibrated layer: top-k overlap and score MSE before -> after fitting."""
+    lines = ["layer  top-k overlap (before -> after)  score MSE (before -> after)"]
+    for i, entry in enumerate(selectors.fidelity or []):
+        if entry:
+            b, a = entry["before"], entry["after"]
+            lines.append(f"{i:>5}  {b['topk_overlap']:.3f} -> {a['topk_overlap']:.3f}"
+                         f"{'':17}{b['score_mse']:.4f} -> {a['score_mse']:.4f}")
+    return "\n".join(lines)

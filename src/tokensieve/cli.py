@@ -1,4 +1,8 @@
-"""The `tokensieve` command: `tokensieve demo [--budgets 192 128 64] [--repeats 5] [--out PATH]`."""
+"""The `tokensieve` command.
+
+    tokensieve demo [--budgets 192 128 64] [--repeats 9] [--out PATH]
+    tokensieve calibrate MODEL_DIR --images IMG... [--prompt TEXT] --out SELECTORS [--rank 256] [--steps 200]
+"""
 from __future__ import annotations
 
 import argparse
@@ -37,7 +41,42 @@ def build_parser() -> argparse.ArgumentParser:
                       help="torch CPU threads (default: torch's own choice); 1 gives steadier timings on a busy machine")
     demo.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
     demo.set_defaults(run=_run_demo)
+    _add_calibrate(commands)
     return parser
+
+
+def _add_calibrate(commands) -> None:
+    calibrate = commands.add_parser(
+        "calibrate",
+        help="fit ALVTS selectors to a model saved in a local folder and save them (safetensors)",
+        description="Runs the unpruned model on the images with the prompt, fits one low-rank selector per decoder "
+        "layer to the full-rank scores, prints each layer's fidelity before and after, and saves the selectors "
+        "with the model's identity.",
+    )
+    calibrate.add_argument("model", help="folder of a saved transformers VLM and its processor")
+    calibrate.add_argument("--images", nargs="+", required=True, help="image files, or folders of them")
+    calibrate.add_argument("--prompt", default="USER: <image>\nDescribe this image in detail. ASSISTANT:",
+                           help="prompt with the processor's image placeholder (default: LLaVA-1.5's format)")
+    calibrate.add_argument("--out", required=True, help="where to write the selectors (.safetensors)")
+    calibrate.add_argument("--rank", type=_positive_int, default=256, help="selector rank (default: %(default)s)")
+    calibrate.add_argument("--steps", type=_positive_int, default=200, help="Adam steps per layer (default: %(default)s)")
+    calibrate.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: %(default)s)")
+    calibrate.add_argument("--start-layer", type=int, default=1, help="first layer with a selector (default: %(default)s)")
+    calibrate.add_argument("--ratio", type=float, default=64 / 576,
+                           help="budget fraction the top-k overlap is measured at (default: 64/576)")
+    calibrate.set_defaults(run=_run_calibrate)
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    from .calibrate import calibrate_alvts, fidelity_table, load_model_and_samples
+
+    model, samples = load_model_and_samples(args.model, args.images, args.prompt)
+    selectors = calibrate_alvts(model, samples, rank=args.rank, steps=args.steps, lr=args.lr,
+                                start_layer=args.start_layer, ratio=args.ratio, progress=True)
+    print(fidelity_table(selectors))
+    selectors.save(args.out)
+    print(f"wrote {args.out}: selectors of rank {args.rank} for {len(selectors.layers)} layers of {args.model}")
+    return 0
 
 
 def _run_demo(args: argparse.Namespace) -> int:
