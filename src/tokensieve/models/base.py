@@ -71,7 +71,7 @@ class Family:
     def install_stage1(self, model: torch.nn.Module, session: Any, hooks: HookSet) -> None:
         raise NotImplementedError
 
-    def gather_language_kwargs(self, kwargs: dict, selection: RowSelection, flat_keep: torch.Tensor) -> None:
+    def gather_language_kwargs(self, kwargs: dict, selection: RowSelection) -> None:
         """Apply the entry selection to family-specific language-model kwargs (in place)."""
 
 

@@ -238,7 +238,7 @@ class Qwen3VLFamily(QwenVLFamily):
             )
         super().install_stage1(model, session, hooks)
 
-    def gather_language_kwargs(self, kwargs: dict, selection: RowSelection, flat_keep: torch.Tensor) -> None:
+    def gather_language_kwargs(self, kwargs: dict, selection: RowSelection) -> None:
         """Narrow visual_pos_masks (B, S) -> (B, S_new) and keep the matching rows of each deepstack embed.
 
         The kept deepstack rows are read from the selection itself (the visual positions it keeps, in

@@ -83,7 +83,8 @@ class Session:
             if keep < x.shape[0]:
                 groups.setdefault((x.shape[0], keep), []).append(i)
         for (n, keep), members in groups.items():
-            self._count_plan_flops(self.encoding_flops, features[members[0]], n, keep, len(members), modality)
+            self.encoding_flops[modality] = self.encoding_flops.get(modality, 0) + self._plan_flops(
+                n, keep, features[members[0]].shape[-1], len(members))
             plan = self.schedule.plan(torch.stack([features[i] for i in members]), keep, "stage1")
             for j, i in enumerate(members):
                 plans[i] = ReductionPlan(
@@ -96,9 +97,11 @@ class Session:
         self.items[modality] = []
         self.encoding_flops[modality] = 0
 
-    def _count_plan_flops(self, totals: dict, x: torch.Tensor, n: int, keep: int, count: int, key: str = "image") -> None:
-        if self.schedule.plan_flops is not None:
-            totals[key] = totals.get(key, 0) + count * self.schedule.plan_flops(n, keep, x.shape[-1])
+    def _plan_flops(self, n: int, keep: int, width: int, count: int) -> int:
+        """FLOPs of `count` plans reducing n tokens of this width to keep (0 if the method says nothing)."""
+        if self.schedule.plan_flops is None:
+            return 0
+        return count * self.schedule.plan_flops(n, keep, width)
 
     def add_item(self, item: VisualItem) -> None:
         self.items.setdefault(item.modality, []).append(item)
@@ -128,12 +131,12 @@ class Session:
         layout = self._visual_layout(batch, length, embeds.device)
         if layout is None:
             return kwargs
-        keep, item, slot, pinned, flat_keep, items = layout
+        keep, item, slot, pinned, items = layout
         selection = compact_rows(keep)
         mask = kwargs.get("attention_mask")
         if mask is None:
             mask = torch.ones(batch, length, dtype=torch.long, device=embeds.device)
-        if mask.dim() != 2:
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
             raise ValueError("tokensieve needs a 2-D attention mask (or None); 4-D or compiled-cache masks are not supported")
         positions = kwargs.get("position_ids")
         if positions is None:
@@ -143,7 +146,7 @@ class Session:
         out["inputs_embeds"] = selection.gather(embeds, 1)
         out["attention_mask"] = level.mask
         out["position_ids"] = selection.gather(positions, -1)
-        self.family.gather_language_kwargs(out, selection, flat_keep)
+        self.family.gather_language_kwargs(out, selection)
         self.sequence = SequenceState(original_length=length, levels=[level], items=items)
         self.stats = Stats(
             tokens_per_layer=torch.zeros(batch, len(self.parts.layers), dtype=torch.long),
@@ -159,8 +162,7 @@ class Session:
     def _visual_layout(self, batch: int, length: int, device: torch.device):
         """Per-row visual bookkeeping of the input sequence, or None when there is nothing visual.
 
-        Returns keep, item, slot, pinned (each (B, S)), the flat stage-1 keep over all visual
-        positions in row-major order, and the items in sequence order.
+        Returns keep, item, slot, pinned (each (B, S)) and the items in sequence order.
         """
         if self.visual_positions is None:
             return None
@@ -202,7 +204,7 @@ class Session:
         remap = torch.empty(len(order), dtype=torch.long, device=device)
         remap[torch.tensor(order, device=device)] = torch.arange(len(order), device=device)
         item = torch.where(visual, remap[item.clamp(min=0)], item)
-        return keep, item, slot, pinned, keep[visual], items
+        return keep, item, slot, pinned, items
 
     @staticmethod
     def _pinned(item: VisualItem) -> torch.Tensor:
@@ -394,9 +396,7 @@ class Session:
                     groups.setdefault((positions.numel(), target), []).append((batch_row, positions))
         for (n, target), members in groups.items():
             x = torch.stack([hidden[b, p] for b, p in members])
-            flops: dict = {}
-            self._count_plan_flops(flops, x, n, target, len(members))
-            self.stats.selection_flops += sum(flops.values())
+            self.stats.selection_flops += self._plan_flops(n, target, x.shape[-1], len(members))
             plan = self.schedule.plan(x, target, "stage2")
             reduced = plan.apply(x)
             for j, (b, positions) in enumerate(members):
