@@ -16,9 +16,9 @@ PROMPT = "USER: <image> what is in the image ? ASSISTANT:"
 
 
 def word_processor() -> LlavaProcessor:
-    words = {f"w{i}": i for i in range(128)}
-    words.update({"<pad>": 0, "<unk>": 1, "<image>": IMAGE_TOKEN, "USER:": 2, "ASSISTANT:": 3, "what": 4, "is": 5,
-                  "in": 6, "the": 7, "image": 8, "?": 9})
+    named = {"<pad>": 0, "<unk>": 1, "<image>": IMAGE_TOKEN, "USER:": 2, "ASSISTANT:": 3, "what": 4, "is": 5,
+             "in": 6, "the": 7, "image": 8, "?": 9}
+    words = {f"w{i}": i for i in range(128) if i not in named.values()} | named  # one word per id
     tokenizer = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>",
