@@ -97,4 +97,4 @@ class ALVTS:
             return selector_flops(widths, rows, query.a.shape[1], items)
 
         routing = Routing(self.start_layer, keep, score, flops)
-        return Schedule(num_layers, lambda n: n, None, None, None, routing=routing)
+        return Schedule(num_layers, stage1_keep=lambda n: n, routing=routing)

@@ -8,7 +8,7 @@ import torch
 from ..flops import apet_flops
 from ..ops.apet import apet_plan
 from ..ops.plan import ReductionPlan
-from .base import Schedule, check_budget, mean_budget
+from .base import InnerStage, Schedule, StageContext, StageRequest, check_budget, grouped_plans, mean_budget
 
 
 @dataclass(frozen=True)
@@ -92,13 +92,15 @@ class ApET:
             wanted = mean_budget(self.budget, self.ratio, n) * num_layers - first * layer
             return max(0, min(first, round(wanted / (num_layers - layer))))
 
-        def plan(x: torch.Tensor, keep: int, stage: str) -> ReductionPlan:
+        def plan(x: torch.Tensor, keep: int, stage: str = "stage1") -> ReductionPlan:
             return apet_plan(x, keep, self.num_basis, self.eps, blend, self.merge, start=self._start(x))
 
-        return Schedule(
-            num_layers, stage1_keep, layer, stage2_keep, plan, min_keep=self.num_basis + 1,
-            plan_flops=lambda n, keep, width: apet_flops(n, keep, self.num_basis, width),
-        )
+        def stage2_plan(ctx: StageContext, requests: list[StageRequest]) -> list[ReductionPlan]:
+            return grouped_plans(requests, lambda r: ctx.hidden[r.row, r.positions], plan)
+
+        flops = lambda n, keep, width: apet_flops(n, keep, self.num_basis, width)  # noqa: E731
+        stage2 = InnerStage(layer, stage2_keep, stage2_plan, name="stage2", flops=flops)
+        return Schedule(num_layers, stage1_keep, plan, stages=(stage2,), min_keep=self.num_basis + 1, plan_flops=flops)
 
     def _start(self, x: torch.Tensor) -> int | None:
         if self.seed is None:

@@ -1,8 +1,8 @@
-"""What every method hands the runtime: where it reduces and how many tokens each stage keeps."""
+"""What every method hands the runtime: where it reduces, how many tokens each stage keeps, and how."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -21,12 +21,86 @@ class Routing:
         keep: (layer, n) -> visual tokens that layer processes of an item whose budget counts n.
         score: (layer index, layer module, hidden (B, S, D), rotary (cos, sin), item (B, S),
             valid (B, S)) -> (B, S) scores of the visual rows; the top-`keep` of each item run.
+        flops: (layer, Widths, rows scored, items) -> FLOPs of one scoring, or None.
     """
 
     start_layer: int
     keep: Callable[[int, int], int]
     score: Callable[..., torch.Tensor]
-    flops: Callable[..., int] | None = None  # (layer, Widths, rows scored, items) -> FLOPs
+    flops: Callable[..., int] | None = None
+
+
+@dataclass(frozen=True)
+class StageRequest:
+    """One item (or video frame) a stage must reduce: its rows `positions` (n,) of batch row `row`
+    in the current sequence, to `keep` rows."""
+
+    item: int
+    row: int
+    positions: torch.Tensor
+    keep: int
+
+
+@dataclass
+class StageContext:
+    """What a stage before decoder layer `layer` may read (prefill only).
+
+    Attributes:
+        layer: index of the first layer that sees the reduced sequence (0: before the first layer).
+        hidden: (B, S, D) the input of that layer (the output of layer - 1).
+        rotary: (cos, sin), each (B or 1, S, d): position embeddings of these rows.
+        item: (B, S) long visual item per row (-1 text); valid: (B, S) bool, False at padding.
+        layers: the decoder layers; norm: the language model's final norm.
+        previous: (hidden (B, S, D), rotary) that layer - 1 received, when the stage asked for it.
+        cache: per-stage scratch space a plan function may fill (e.g. an attention row computed once).
+    """
+
+    layer: int
+    hidden: torch.Tensor
+    rotary: tuple[torch.Tensor, torch.Tensor]
+    item: torch.Tensor
+    valid: torch.Tensor
+    layers: torch.nn.ModuleList
+    norm: torch.nn.Module | None = None
+    previous: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
+    cache: dict | None = None
+
+
+@dataclass(frozen=True)
+class InnerStage:
+    """A permanent reduction of the visual rows inside the language model, before decoder layer `layer`.
+
+    Attributes:
+        layer: first decoder layer that sees the reduced sequence (0: before the first layer, i.e.
+            on the projected visual tokens).
+        keep: n -> visual tokens an item (or video frame) whose budget counts n keeps after it.
+        plan: (StageContext, requests) -> one ReductionPlan per request: kept_index (1, k) into the
+            request's positions and optional weights (1, k, n) that merge the rows' hidden states.
+        name: the key of the kept indices in `handle.stats.kept`.
+        reads_previous_layer: the runtime keeps the input of layer - 1 for `StageContext.previous`.
+        flops: (n, keep, width) -> FLOPs of one request's plan, or None.
+    """
+
+    layer: int
+    keep: Callable[[int], int]
+    plan: Callable[[StageContext, list[StageRequest]], list[ReductionPlan]]
+    name: str = "stage2"
+    reads_previous_layer: bool = False
+    flops: Callable[[int, int, int], int] | None = None
+
+
+def grouped_plans(requests: list[StageRequest], features: Callable[[StageRequest], torch.Tensor],
+                  plan: Callable[[torch.Tensor, int], ReductionPlan]) -> list[ReductionPlan]:
+    """Plans for requests, computed in batches of equal (n, keep): plan(x (G, n, D), keep)."""
+    plans: list[Any] = [None] * len(requests)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, request in enumerate(requests):
+        groups.setdefault((request.positions.numel(), request.keep), []).append(i)
+    for (_, keep), members in groups.items():
+        batch = plan(torch.stack([features(requests[i]) for i in members]), keep)
+        for j, i in enumerate(members):
+            plans[i] = batch.row(j)
+    return plans
 
 
 @dataclass(frozen=True)
@@ -35,33 +109,41 @@ class Schedule:
 
     Attributes:
         num_layers: decoder layers L.
-        stage1_keep: n -> tokens stage 1 keeps of an item whose budget counts n tokens (n = untouched).
-        stage2_layer: first decoder layer that sees the stage-2 reduction (None: no stage 2).
-        stage2_keep: n -> tokens stage 2 keeps of an item whose budget counts n tokens.
-        plan: (x (G, N, D), keep, stage name) -> ReductionPlan of G items of N tokens each.
+        stage1_keep: n -> tokens the vision-side stage 1 keeps of an item whose budget counts n
+            (n = untouched).
+        plan: (x (G, N, D), keep, stage name) -> ReductionPlan for the vision-side stage 1, or None.
+        stages: reductions inside the language model, in layer order.
         min_keep: fewest tokens a stage may keep of an item it reduces.
         routing: per-layer selection (ALVTS), or None.
-        plan_flops: (n, keep, width) -> FLOPs of one item's plan, for the selection's share.
+        plan_flops: (n, keep, width) -> FLOPs of one item's stage-1 plan, for the selection's share.
     """
 
     num_layers: int
     stage1_keep: Callable[[int], int]
-    stage2_layer: int | None
-    stage2_keep: Callable[[int], int] | None
-    plan: PlanFn | None
+    plan: PlanFn | None = None
+    stages: tuple[InnerStage, ...] = ()
     min_keep: int = 1
     routing: Routing | None = None
-    plan_flops: Callable[[int, int, int], int] | None = None  # (n, keep, width) -> FLOPs of one plan
+    plan_flops: Callable[[int, int, int], int] | None = None
+
+    @property
+    def stage2_layer(self) -> int | None:
+        """The first inner stage's layer (None without one)."""
+        return self.stages[0].layer if self.stages else None
+
+    @property
+    def stage2_keep(self) -> Callable[[int], int] | None:
+        return self.stages[0].keep if self.stages else None
+
+    def stage_at(self, layer: int) -> InnerStage | None:
+        return next((stage for stage in self.stages if stage.layer == layer), None)
 
     def check_item(self, n: int) -> None:
         """ValueError if a stage would have to keep fewer than min_keep of an item's n tokens."""
-        stages = [("stage 1", self.stage1_keep(n))]
-        if self.stage2_keep is not None:
-            stages.append(("stage 2", self.stage2_keep(n)))
+        checks = [("stage 1", self.stage1_keep(n))] + [(stage.name, stage.keep(n)) for stage in self.stages]
         if self.routing is not None:
-            for layer in range(self.routing.start_layer, self.num_layers):
-                stages.append((f"layer {layer}", self.routing.keep(layer, n)))
-        for name, keep in stages:
+            checks += [(f"layer {layer}", self.routing.keep(layer, n)) for layer in range(self.routing.start_layer, self.num_layers)]
+        for name, keep in checks:
             if keep < n and keep < self.min_keep:
                 raise ValueError(
                     f"{name} would keep {keep} of {n} visual tokens, below this method's minimum of "
@@ -70,11 +152,10 @@ class Schedule:
 
     def tokens_per_layer(self, n: int) -> list[int]:
         """Visual tokens each decoder layer processes for one item of n budget tokens."""
-        first = self.stage1_keep(n)
-        counts = [first] * self.num_layers
-        if self.stage2_layer is not None and self.stage2_keep is not None:
-            second = min(first, self.stage2_keep(n))
-            counts[self.stage2_layer :] = [second] * (self.num_layers - self.stage2_layer)
+        counts = [self.stage1_keep(n)] * self.num_layers
+        for stage in self.stages:
+            kept = min(counts[stage.layer], stage.keep(n))
+            counts[stage.layer :] = [kept] * (self.num_layers - stage.layer)
         if self.routing is not None:
             for layer in range(self.routing.start_layer, self.num_layers):
                 counts[layer] = min(counts[layer], self.routing.keep(layer, n))

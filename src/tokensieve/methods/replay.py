@@ -11,9 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ops.plan import ReductionPlan, selection_plan
-from .base import Schedule
-
-STAGES = ("stage1", "stage2")
+from .base import InnerStage, Schedule, StageContext, StageRequest
 
 
 @dataclass(frozen=True, eq=False)
@@ -48,14 +46,14 @@ class Replay:
         if len(self.kept) != len(self.sizes):
             raise ValueError(f"{len(self.kept)} kept records but {len(self.sizes)} item sizes; give one size per item")
         for i, (record, n) in enumerate(zip(self.kept, self.sizes)):
-            unknown = set(record) - set(STAGES)
-            if "stage1" not in record or unknown:
-                raise ValueError(f"item {i}: kept needs a 'stage1' entry (and optionally 'stage2'), got {sorted(record)}")
+            if "stage1" not in record:
+                raise ValueError(f"item {i}: kept needs a 'stage1' entry, got {sorted(record)}")
             stage1 = record["stage1"]
             if stage1.numel() and int(stage1.max()) >= n:
                 raise ValueError(f"item {i}: stage-1 index {int(stage1.max())} is out of range for {n} tokens")
-            if "stage2" in record and not bool(torch.isin(record["stage2"], stage1).all()):
-                raise ValueError(f"item {i}: stage 2 kept tokens that stage 1 dropped")
+            for name, index in record.items():
+                if name != "stage1" and not bool(torch.isin(index, stage1).all()):
+                    raise ValueError(f"item {i}: {name} kept tokens that stage 1 dropped")
 
     @classmethod
     def from_handle(cls, handle) -> "Replay":
@@ -74,27 +72,31 @@ class Replay:
             raise ValueError(
                 f"the replayed schedule was made for {self.source.num_layers} decoder layers, this model has {num_layers}"
             )
-        return Schedule(
-            num_layers=num_layers,
-            stage1_keep=self.source.stage1_keep,
-            stage2_layer=self.source.stage2_layer,
-            stage2_keep=self.source.stage2_keep,
-            plan=_ReplayPlans(self._queues()),
-            min_keep=1,
+        plans = _ReplayPlans(self._queues())
+        stages = tuple(
+            InnerStage(stage.layer, stage.keep, plans.stage_plan(stage.name), name=stage.name)
+            for stage in self.source.stages
         )
+        return Schedule(num_layers, self.source.stage1_keep, plans, stages=stages)
 
     def _queues(self) -> dict[tuple[str, int, int], list[torch.Tensor]]:
-        """(stage, input size N, kept count) -> the (keep,) plan indices of each reduced item, in order."""
+        """(stage, input size N, kept count) -> the (keep,) plan indices of each reduced item, in order.
+
+        Each inner stage sees the survivors of the stage before it, in order: its indices are
+        positions among them.
+        """
+        names = ["stage1"] + [stage.name for stage in self.source.stages]
         queues: dict[tuple[str, int, int], list[torch.Tensor]] = {}
         for record, n in zip(self.kept, self.sizes):
-            stage1 = record["stage1"].sort().values
-            if stage1.numel() < n:
-                queues.setdefault(("stage1", n, stage1.numel()), []).append(stage1)
-            stage2 = record.get("stage2")
-            if stage2 is not None and stage2.numel() < stage1.numel():
-                # stage 2 sees the stage-1 survivors in order: its indices are positions among them
-                index = torch.searchsorted(stage1, stage2.sort().values)
-                queues.setdefault(("stage2", stage1.numel(), stage2.numel()), []).append(index)
+            previous = torch.arange(n)
+            for name in names:
+                if name not in record:
+                    continue
+                kept = record[name].sort().values
+                if kept.numel() < previous.numel():
+                    index = torch.searchsorted(previous, kept)
+                    queues.setdefault((name, previous.numel(), kept.numel()), []).append(index)
+                previous = kept
         return queues
 
 
@@ -105,15 +107,24 @@ class _ReplayPlans:
         self.queues = queues
         self.cursor = {key: 0 for key in queues}
 
-    def __call__(self, x: torch.Tensor, keep: int, stage: str) -> ReductionPlan:
-        """Selection plan for x (G, N, D): kept_index (G, keep), the next G recorded items."""
-        key = (stage, x.shape[1], keep)
+    def stage_plan(self, name: str):
+        """The plan function of the inner stage `name`: the next recorded selection per request."""
+        def plan(ctx: StageContext, requests: list[StageRequest]) -> list[ReductionPlan]:
+            return [self._next(name, r.positions.numel(), r.keep, 1).row(0) for r in requests]
+        return plan
+
+    def __call__(self, x: torch.Tensor, keep: int, stage: str = "stage1") -> ReductionPlan:
+        return self._next(stage, x.shape[1], keep, x.shape[0]).to(x.device)
+
+    def _next(self, stage: str, n: int, keep: int, count: int) -> ReductionPlan:
+        """Selection plan of the next `count` recorded items: kept_index (count, keep)."""
+        key = (stage, n, keep)
         queue = self.queues.get(key)
         if not queue:
             raise RuntimeError(
-                f"Replay has no recorded {stage} selection of {keep} out of {x.shape[1]} tokens; "
+                f"Replay has no recorded {stage} selection of {keep} out of {n} tokens; "
                 "replay only the input the indices were recorded on"
             )
-        rows = [queue[(self.cursor[key] + g) % len(queue)] for g in range(x.shape[0])]
-        self.cursor[key] = (self.cursor[key] + x.shape[0]) % len(queue)
-        return selection_plan(torch.stack(rows).to(x.device))
+        rows = [queue[(self.cursor[key] + g) % len(queue)] for g in range(count)]
+        self.cursor[key] = (self.cursor[key] + count) % len(queue)
+        return selection_plan(torch.stack(rows))

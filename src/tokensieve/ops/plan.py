@@ -19,6 +19,13 @@ class ReductionPlan:
     kept_index: torch.Tensor
     weights: torch.Tensor | None = None
 
+    def row(self, g: int) -> "ReductionPlan":
+        """The plan of item g alone: kept_index (1, T), weights (1, T, N) or None."""
+        return ReductionPlan(self.kept_index[g : g + 1], None if self.weights is None else self.weights[g : g + 1])
+
+    def to(self, device: torch.device) -> "ReductionPlan":
+        return ReductionPlan(self.kept_index.to(device), None if self.weights is None else self.weights.to(device))
+
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """Reduce x (G, N, D) to (G, T, D) in x's dtype (weighted sums in float32)."""
         if self.weights is None:

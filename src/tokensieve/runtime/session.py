@@ -7,7 +7,7 @@ import torch
 from transformers.masking_utils import create_causal_mask
 
 from ..flops import Widths
-from ..methods.base import Schedule
+from ..methods.base import Schedule, StageContext, StageRequest
 from ..ops.plan import ReductionPlan
 from .hooks import HookSet
 from .routing import Route, extend_keep, scatter_back, top_rows
@@ -44,6 +44,7 @@ class Session:
         self.encoding_flops: dict[str, int] = {}  # stage-1 selection FLOPs of the last encoding per modality
         self.routes: dict[int, Route] = {}
         self.hold_routes = False  # reuse the last prefill's routing for longer prefills of the same prompt
+        self._previous_input: tuple | None = None  # input of the layer before a stage that reads it
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> None:
@@ -53,8 +54,6 @@ class Session:
             self.hooks.pre(self.parts.language_model, self._enter_language_model)
             for index, layer in enumerate(self.parts.layers):
                 self.hooks.pre(layer, self._layer_pre_hook(index))
-            if self.schedule.stage2_layer is not None:
-                self.hooks.post(self.parts.layers[self.schedule.stage2_layer - 1], self._stage2_hook)
             if self.schedule.routing is not None:
                 for index in range(self.schedule.routing.start_layer, len(self.parts.layers)):
                     self.hooks.post(self.parts.layers[index], self._route_post_hook(index))
@@ -225,7 +224,7 @@ class Session:
         state = self.sequence
         level = state.levels[0]
         first = self.routes.get(0)
-        expected = (first.selection.length if first is not None else level.length) + state.decoded
+        expected = (first.selection.length if first is not None else state.level_of(0).length) + state.decoded
         if _cache_length(cache) != expected:
             raise RuntimeError(
                 f"the KV cache holds {_cache_length(cache)} tokens but the compressed prefill left {expected}; "
@@ -260,15 +259,22 @@ class Session:
             state = self.sequence
             if state is None:
                 return None
-            level = state.level_of(index)
             hidden = args[0] if args else kwargs["hidden_states"]
             prefill = state.decoded == 0
+            stage = self.schedule.stage_at(index)
+            if prefill and stage is not None and stage.name not in state.applied:
+                hidden = self._run_stage(stage, index, hidden, kwargs)
+                args, kwargs = ((hidden,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
+            level = state.level_of(index)
             if prefill:
                 if hidden.shape[1] != level.length:
                     raise RuntimeError(f"layer {index} received {hidden.shape[1]} rows, expected {level.length}")
                 self.stats.tokens_per_layer[:, index], self.stats.rows_per_layer[:, index] = level.counts()
-            if level.first_layer > 0:
+            if level is not state.levels[0]:
                 kwargs = self._narrow_layer_kwargs(index, level, hidden, kwargs, prefill)
+            following = self.schedule.stage_at(index + 1)
+            if prefill and following is not None and following.reads_previous_layer:
+                self._previous_input = (hidden, kwargs.get("position_embeddings"))
             routing = self.schedule.routing
             if routing is not None and index >= routing.start_layer:
                 return self._route(index, module, level, hidden, args, kwargs, prefill)
@@ -360,48 +366,63 @@ class Session:
             past_key_values=cache, layer_idx=layer,
         )
 
-    # ------------------------------------------------------------------ stage 2
-    def _stage2_hook(self, module, args, kwargs, output):
+    # ------------------------------------------------------------------ inner stages
+    def _run_stage(self, stage, index: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """Reduce the visual rows before layer `index`: a new level; returns its hidden states."""
         state = self.sequence
-        if state is None or state.decoded > 0:
-            return None
-        hidden = output[0] if isinstance(output, tuple) else output
         level = state.levels[-1]
-        keep, hidden = self._stage2_keep(level, hidden, state.items)
+        rotary = kwargs["position_embeddings"]
+        if level is not state.levels[0]:
+            rotary = tuple(self._narrow_from_level0(level, t, -2) for t in rotary)
+        context = StageContext(
+            layer=index, hidden=hidden, rotary=rotary, item=level.item,
+            valid=level.selection.valid & level.mask.bool(), layers=self.parts.layers,
+            norm=getattr(self.parts.language_model, "norm", None),
+            previous=self._previous_input if stage.reads_previous_layer else None, cache={},
+        )
+        requests = self._stage_requests(stage, level, state.items)
+        plans = stage.plan(context, requests) if requests else []
+        keep, hidden = self._apply_stage_plans(level, hidden, requests, plans)
+        if stage.flops is not None:
+            self.stats.selection_flops += sum(stage.flops(r.positions.numel(), r.keep, hidden.shape[-1]) for r in requests)
         selection = compact_rows(keep)
-        next_level = level.narrowed(selection, self.schedule.stage2_layer)
+        next_level = level.narrowed(selection, index)
         state.levels.append(next_level)
+        state.applied.add(stage.name)
+        self._previous_input = None
         for i, item_kept in enumerate(self.stats.kept):
-            rows = next_level.item == i
-            item_kept["stage2"] = next_level.slot[rows].sort().values.cpu()
-        hidden = selection.gather(hidden, 1)
-        return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+            item_kept[stage.name] = next_level.slot[next_level.item == i].sort().values.cpu()
+        return selection.gather(hidden, 1)
 
-    def _stage2_keep(self, level: Level, hidden: torch.Tensor, items: list[VisualItem]):
-        """Run the stage-2 plans on every item's unpinned visual rows.
-
-        Returns keep (B, S) bool and the hidden states with the kept rows replaced by the plan's output.
-        """
-        keep = torch.ones(level.item.shape, dtype=torch.bool, device=hidden.device)
-        hidden = hidden.clone()
+    def _stage_requests(self, stage, level: Level, items: list[VisualItem]) -> list[StageRequest]:
+        """One request per item segment with more unpinned visual rows than the stage keeps."""
         reducible = (level.item >= 0) & ~level.pinned
-        groups: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
+        requests = []
         for i, item in enumerate(items):
             for start, length, budget_tokens in item.spans():
                 rows = (level.item == i) & reducible & (level.slot >= start) & (level.slot < start + length)
                 batch_row = int(rows.any(dim=1).nonzero()[0])
                 positions = rows[batch_row].nonzero().flatten()
-                target = min(positions.numel(), self.schedule.stage2_keep(budget_tokens))
+                target = min(positions.numel(), stage.keep(budget_tokens))
                 if target < positions.numel():
-                    groups.setdefault((positions.numel(), target), []).append((batch_row, positions))
-        for (n, target), members in groups.items():
-            x = torch.stack([hidden[b, p] for b, p in members])
-            self.stats.selection_flops += self._plan_flops(n, target, x.shape[-1], len(members))
-            plan = self.schedule.plan(x, target, "stage2")
-            reduced = plan.apply(x)
-            for j, (b, positions) in enumerate(members):
-                kept_positions = positions[plan.kept_index[j]]
-                keep[b, positions] = False
-                keep[b, kept_positions] = True
-                hidden[b, kept_positions] = reduced[j]
+                    if target < self.schedule.min_keep:
+                        raise ValueError(
+                            f"{stage.name} would keep {target} of {positions.numel()} visual tokens, below this "
+                            f"method's minimum of {self.schedule.min_keep}; raise the budget"
+                        )
+                    requests.append(StageRequest(i, batch_row, positions, target))
+        return requests
+
+    @staticmethod
+    def _apply_stage_plans(level: Level, hidden: torch.Tensor, requests: list[StageRequest], plans: list):
+        """keep (B, S) bool, and hidden states whose kept rows hold the plans' outputs where they merge."""
+        keep = torch.ones(level.item.shape, dtype=torch.bool, device=hidden.device)
+        hidden = hidden.clone()
+        for request, plan in zip(requests, plans):
+            plan = plan.to(hidden.device)
+            kept_positions = request.positions[plan.kept_index[0]]
+            keep[request.row, request.positions] = False
+            keep[request.row, kept_positions] = True
+            if plan.weights is not None:
+                hidden[request.row, kept_positions] = plan.apply(hidden[request.row, request.positions][None])[0]
         return keep, hidden

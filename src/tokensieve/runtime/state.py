@@ -42,7 +42,7 @@ class VisualItem:
             self.budget_tokens = self.keep.numel() - pinned
 
 
-@dataclass
+@dataclass(eq=False)
 class Level:
     """The sequence seen by decoder layers first_layer.. (until the next level).
 
@@ -104,6 +104,7 @@ class SequenceState:
     levels: list[Level]
     items: list[VisualItem]
     decoded: int = 0
+    applied: set = field(default_factory=set)  # names of the inner stages run in this prefill
     new_columns: torch.Tensor | None = None  # (B, decoded + q) mask columns past the prefill
 
     def level_of(self, layer: int) -> Level:
