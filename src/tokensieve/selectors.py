@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .attention import queries_keys
 from .ops.alvts import head_mean_attention, visual_token_scores
 
 
@@ -50,30 +51,6 @@ class LayerSelector:
         return [self.query.a, self.query.b, self.key.a, self.key.b]
 
 
-def _project(linear: torch.nn.Linear, x: torch.Tensor, low_rank: LowRank | None) -> torch.Tensor:
-    if low_rank is None:
-        return linear(x.to(linear.weight.dtype)).float()
-    out = low_rank.project(x)
-    return out + linear.bias.float() if linear.bias is not None else out
-
-
-def _heads(attn: torch.nn.Module, x: torch.Tensor, norm_name: str) -> torch.Tensor:
-    """(B, S, H * d) -> (B, H, S, d), through the model's per-head norm if it has one."""
-    x = x.view(*x.shape[:2], -1, attn.head_dim)
-    norm = getattr(attn, norm_name, None)
-    if norm is not None:
-        x = norm(x.to(norm.weight.dtype)).float()
-    return x.transpose(1, 2)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding on (B, H, S, d) with cos/sin (B, S, d)."""
-    cos, sin = cos[:, None].float(), sin[:, None].float()
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
-
-
 def layer_scores(
     layer: torch.nn.Module,
     hidden: torch.Tensor,
@@ -93,13 +70,9 @@ def layer_scores(
     Returns:
         (B, S) float32 scores, 0 on text rows.
     """
-    attn = layer.self_attn
-    normed = layer.input_layernorm(hidden)
-    q = _heads(attn, _project(attn.q_proj, normed, selector and selector.query), "q_norm")
-    k = _heads(attn, _project(attn.k_proj, normed, selector and selector.key), "k_norm")
-    cos, sin = (t.expand(hidden.shape[0], -1, -1) for t in rotary)
-    attention = head_mean_attention(_rotate(q, cos, sin), _rotate(k, cos, sin), valid)
-    return visual_token_scores(attention, item, valid)
+    low_rank = None if selector is None else (selector.query, selector.key)
+    q, k = queries_keys(layer, hidden, rotary, low_rank=low_rank)
+    return visual_token_scores(head_mean_attention(q, k, valid), item, valid)
 
 
 def weight_fingerprint(layers: torch.nn.ModuleList) -> str:
