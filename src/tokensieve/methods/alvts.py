@@ -46,7 +46,8 @@ class ALVTS:
         selectors: a `tokensieve.Selectors`, a path to a saved one, or None for SVD-only selectors
             built on the fly at `rank` (less faithful than calibrated ones: see the README).
         start_layer: first layer with a selector (the paper shows none before the first layer).
-        rank: rank of the on-the-fly SVD selectors (default: a quarter of the key width).
+        rank: rank of the on-the-fly SVD selectors (default: hidden width / 16, at least 8: the
+            paper's R = 256 on a 4096-wide 7B model).
     """
 
     budget: float | None = None
@@ -71,7 +72,7 @@ class ALVTS:
         from ..selectors import Selectors, model_identity, svd_selectors
 
         if self.selectors is None:
-            rank = self.rank or max(1, layers[0].self_attn.k_proj.out_features // 4)
+            rank = self.rank or max(8, layers[0].self_attn.q_proj.in_features // 16)
             return svd_selectors(model_type, layers, rank, self.start_layer)
         selectors = Selectors.load(self.selectors) if isinstance(self.selectors, (str, Path)) else self.selectors
         selectors.check_model(model_identity(model_type, layers))

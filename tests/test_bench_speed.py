@@ -1,0 +1,37 @@
+"""`tokensieve bench speed` on the tiny LLaVA shape: records, oracle, FLOPs, KV cache, plot, JSON."""
+from __future__ import annotations
+
+import json
+
+from tokensieve.cli import main
+
+KEYS = {"method", "budget", "shape", "prefill_s", "oracle_prefill_s", "decode_s_per_token", "peak_memory_bytes",
+        "kv_cache_bytes", "prefill_flops"}
+
+
+def test_bench_speed_records(tmp_path, capsys):
+    out, picture = tmp_path / "speed.json", tmp_path / "speed.png"
+    status = main(["bench", "speed", "--shape", "tiny-llava", "--budgets", "128", "64", "--methods", "ApET", "ALVTS",
+                   "--layers", "4", "--repeats", "1", "--new-tokens", "2", "--json", str(out), "--plot", str(picture)])
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "| method | budget |" in printed and picture.stat().st_size > 10_000
+    records = json.loads(out.read_text())
+    assert all(KEYS <= set(r) for r in records)
+    full, rest = records[0], records[1:]
+    assert full["method"] == "full" and full["oracle_prefill_s"] is None
+    assert [(r["method"], r["budget"]) for r in rest] == [("ApET", 128), ("ALVTS", 128), ("ApET", 64), ("ALVTS", 64)]
+    for r in rest:
+        assert abs(r["mean_tokens_per_layer"] - r["budget"]) < 1
+        assert r["oracle_prefill_s"] > 0 and r["selection_flops"] > 0
+        assert r["kv_cache_bytes"] < full["kv_cache_bytes"]
+        assert r["prefill_flops"] - r["selection_flops"] < full["prefill_flops"]
+        assert r["ideal_speedup"] > 1
+    apet64 = next(r for r in rest if r["method"] == "ApET" and r["budget"] == 64)
+    apet128 = next(r for r in rest if r["method"] == "ApET" and r["budget"] == 128)
+    assert apet64["kv_cache_bytes"] < apet128["kv_cache_bytes"] and apet64["ideal_speedup"] > apet128["ideal_speedup"]
+
+
+def test_bench_speed_rejects_unknown_method(capsys):
+    assert main(["bench", "speed", "--shape", "tiny-llava", "--methods", "Magic"]) == 2
+    assert "unknown methods" in capsys.readouterr().err
