@@ -14,7 +14,7 @@ from contract import (
     forward_logits,
     greedy,
 )
-from tiny import IMAGE_TOKEN, llava_inputs, tiny_llava
+from tiny import IMAGE_TOKEN, llava_inputs, row_inputs, tiny_llava
 from tokensieve.calibrate import collect_layer_inputs, layer_fidelity
 from tokensieve.methods.alvts import layer_counts
 from tokensieve.selectors import layer_scores, svd_selectors
@@ -31,12 +31,6 @@ def model():
 @pytest.fixture(scope="module")
 def batch(model):
     return llava_inputs(model, [(5, 7), (2, 3)])
-
-
-def row_inputs(batch: dict, i: int) -> dict:
-    start = int((batch["attention_mask"][i] == 0).sum())
-    return {"input_ids": batch["input_ids"][i : i + 1, start:], "attention_mask": batch["attention_mask"][i : i + 1, start:],
-            "pixel_values": batch["pixel_values"][i : i + 1]}
 
 
 def reference_routing_logits(model, inputs: dict, selectors, k: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ from contract import (
     check_save_load_roundtrip,
     check_schedule_counts,
 )
-from tiny import llava_inputs, tiny_llava
+from tiny import llava_inputs, row_inputs, tiny_llava
 
 N = 144
 # 64 of 576 tokens, scaled to 144: stage 1 keeps 24, stage 2 keeps 8 (num_basis 4 leaves room)
@@ -29,16 +29,6 @@ def model():
 @pytest.fixture(scope="module")
 def batch(model):
     return llava_inputs(model, [(5, 7), (2, 3)])
-
-
-def row_inputs(batch: dict, i: int) -> dict:
-    """Row i of a left-padded batch, without its padding."""
-    start = int((batch["attention_mask"][i] == 0).sum())
-    return {
-        "input_ids": batch["input_ids"][i : i + 1, start:],
-        "attention_mask": batch["attention_mask"][i : i + 1, start:],
-        "pixel_values": batch["pixel_values"][i : i + 1],
-    }
 
 
 def hooked(model) -> list[str]:

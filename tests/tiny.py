@@ -48,11 +48,27 @@ def llava_inputs(model, prompts: list[tuple[int, int]], seed: int = 0) -> dict:
     for before, after in prompts:
         text = torch.randint(1, IMAGE_TOKEN, (before + after,), generator=generator)
         rows.append(torch.cat([text[:before], torch.full((n,), IMAGE_TOKEN), text[before:]]))
+    input_ids, attention_mask = left_pad(rows)
+    pixel_values = torch.randn(len(rows), 3, vision.image_size, vision.image_size, generator=generator)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+
+
+def left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows of different lengths -> left-padded input_ids (B, S) and attention_mask (B, S)."""
     length = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), length), PAD_TOKEN)
     attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
     for i, row in enumerate(rows):
-        input_ids[i, length - len(row):] = row
+        input_ids[i, length - len(row):] = torch.as_tensor(row)
         attention_mask[i, length - len(row):] = 1
-    pixel_values = torch.randn(len(rows), 3, vision.image_size, vision.image_size, generator=generator)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+    return input_ids, attention_mask
+
+
+def row_inputs(batch: dict, i: int) -> dict:
+    """Row i of a left-padded one-image-per-row LLaVA batch, without its padding."""
+    start = int((batch["attention_mask"][i] == 0).sum())
+    return {
+        "input_ids": batch["input_ids"][i : i + 1, start:],
+        "attention_mask": batch["attention_mask"][i : i + 1, start:],
+        "pixel_values": batch["pixel_values"][i : i + 1],
+    }

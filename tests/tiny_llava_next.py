@@ -20,7 +20,7 @@ from transformers import (
 )
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-from tiny import IMAGE_TOKEN, PAD_TOKEN, VOCAB, tiny_llama_config
+from tiny import IMAGE_TOKEN, PAD_TOKEN, VOCAB, left_pad, tiny_llama_config
 
 VIDEO_TOKEN = 101
 CROP = 48
@@ -96,12 +96,7 @@ def anyres_inputs(model, prompts: list[tuple[int, int]], sizes: list[tuple[int, 
     for (before, after), n in zip(prompts, counts):
         text = torch.randint(1, IMAGE_TOKEN, (before + after,), generator=generator)
         rows.append(torch.cat([text[:before], torch.full((n,), IMAGE_TOKEN), text[before:]]))
-    length = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), length), PAD_TOKEN)
-    attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, length - len(row):] = row
-        attention_mask[i, length - len(row):] = 1
+    input_ids, attention_mask = left_pad(rows)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
             "image_sizes": image_sizes}
 
