@@ -59,17 +59,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Median seconds of `repeats` calls after one warm-up."""
-    fn()
+def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, object]:
+    """Median seconds of `repeats` calls after one warm-up, and the last call's result."""
+    result = fn()
     times = []
     for _ in range(repeats):
         _sync(device)
         start = time.perf_counter()
-        fn()
+        result = fn()
         _sync(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(times), result
 
 
 def prefill(model, inputs: dict):
@@ -81,13 +81,12 @@ def kv_bytes(cache) -> int:
     return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.keys is not None)
 
 
-def decode_per_token(model, inputs: dict, steps: int, device: torch.device) -> float:
-    """Median seconds of one greedy decoding step on the cache of a prefill."""
+def decode_per_token(model, prefilled, inputs: dict, steps: int, device: torch.device) -> float:
+    """Median seconds of one greedy decoding step, continuing the cache of `prefilled`."""
+    cache, mask = prefilled.past_key_values, inputs["attention_mask"]
+    token = prefilled.logits[:, -1].argmax(-1, keepdim=True)
+    times = []
     with torch.no_grad():
-        out = prefill(model, inputs)
-        cache, mask = out.past_key_values, inputs["attention_mask"]
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-        times = []
         for _ in range(steps):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             _sync(device)
@@ -100,16 +99,18 @@ def decode_per_token(model, inputs: dict, steps: int, device: torch.device) -> f
 
 
 def end_to_end(model, inputs: dict, new_tokens: int, device: torch.device) -> float:
-    def run():
-        with torch.no_grad():
-            model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    return timed(run, device, 1)
+    """Seconds of one greedy `generate` of `new_tokens` tokens (prefill included)."""
+    _sync(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    _sync(device)
+    return time.perf_counter() - start
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device) -> int | None:
     """Peak allocated bytes during fn on CUDA; None on the CPU (no allocator statistics there)."""
     if device.type != "cuda":
-        fn()
         return None
     torch.cuda.reset_peak_memory_stats(device)
     fn()
@@ -133,23 +134,23 @@ def oracle_time(model, inputs: dict, handle, device: torch.device, repeats: int)
         with ts.compress(model, handle.method) as held:
             prefill(model, inputs)
             held.hold_selection()
-            return timed(lambda: prefill(model, inputs), device, repeats)
+            return timed(lambda: prefill(model, inputs), device, repeats)[0]
     try:
         replay = ts.Replay.from_handle(handle)
     except ValueError:
         return None
     with ts.compress(model, replay):
-        return timed(lambda: prefill(model, inputs), device, repeats)
+        return timed(lambda: prefill(model, inputs), device, repeats)[0]
 
 
 def measure(model, inputs: dict, method, label: str, budget, context: dict) -> Record:
     device, repeats = context["device"], context["repeats"]
     handle = ts.compress(model, method) if method is not None else None
     try:
-        seconds = timed(lambda: prefill(model, inputs), device, repeats)
-        cache_bytes = kv_bytes(prefill(model, inputs).past_key_values)
+        seconds, prefilled = timed(lambda: prefill(model, inputs), device, repeats)
+        cache_bytes = kv_bytes(prefilled.past_key_values)
         memory = peak_memory(lambda: prefill(model, inputs), device)
-        decode = decode_per_token(model, inputs, context["decode_steps"], device)
+        decode = decode_per_token(model, prefilled, inputs, context["decode_steps"], device)
         e2e = end_to_end(model, inputs, context["new_tokens"], device)
         stats = handle.stats if handle is not None else None
     finally:
