@@ -54,8 +54,8 @@ def check_removal(model, inputs: dict, method, hooked_modules: Callable) -> None
     hooked_modules(model) names the modules the hooks must have been on; the check first proves
     they did carry hooks while compressed, so a removal test cannot pass by checking the wrong ones.
     """
+    reference = forward_logits(model, inputs)  # first: transformers adds its own capture hooks on a first forward
     before = module_snapshot(model)
-    reference = forward_logits(model, inputs)
     handle = ts.compress(model, method)
     during = module_snapshot(model)
     for name in hooked_modules(model):

@@ -6,10 +6,10 @@ Importing this package changes nothing in transformers; hooks live on the model 
 from . import ops
 from .api import CompressionHandle, compress
 from .calibrate import calibrate_alvts
-from .methods import ALVTS, ApET, Replay
+from .methods import ALVTS, ApET, DART, DivPrune, FastV, PDrop, Random, Replay, VisionZip
 from .selectors import Selectors, SelectorMismatchError
 from .models import supported_model_types
 
 __version__ = "0.1.0"
 
-__all__ = ["ALVTS", "ApET", "Replay", "Selectors", "SelectorMismatchError", "calibrate_alvts", "CompressionHandle", "compress", "ops", "supported_model_types", "__version__"]
+__all__ = ["ALVTS", "ApET", "DART", "DivPrune", "FastV", "PDrop", "Random", "Replay", "VisionZip", "Selectors", "SelectorMismatchError", "calibrate_alvts", "CompressionHandle", "compress", "ops", "supported_model_types", "__version__"]

@@ -2,6 +2,12 @@
 from .alvts import ALVTS
 from .apet import ApET
 from .base import Schedule
+from .dart import DART
+from .divprune import DivPrune
+from .fastv import FastV
+from .pdrop import PDrop
+from .random import Random
 from .replay import Replay
+from .visionzip import VisionZip
 
-__all__ = ["ALVTS", "ApET", "Replay", "Schedule"]
+__all__ = ["ALVTS", "ApET", "DART", "DivPrune", "FastV", "PDrop", "Random", "Replay", "Schedule", "VisionZip"]

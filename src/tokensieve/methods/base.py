@@ -116,6 +116,9 @@ class Schedule:
         min_keep: fewest tokens a stage may keep of an item it reduces.
         routing: per-layer selection (ALVTS), or None.
         plan_flops: (n, keep, width) -> FLOPs of one item's stage-1 plan, for the selection's share.
+        install: (model, family, hooks) -> None, or None: places the method's own hooks (e.g. a
+            capture of a vision layer's attention) with the session's HookSet, before any other
+            hook; a ValueError from it leaves nothing installed.
     """
 
     num_layers: int
@@ -125,6 +128,7 @@ class Schedule:
     min_keep: int = 1
     routing: Routing | None = None
     plan_flops: Callable[[int, int, int], int] | None = None
+    install: Callable[[Any, Any, Any], None] | None = None
 
     @property
     def stage2_layer(self) -> int | None:

@@ -27,6 +27,26 @@ class ModelParts:
     text_config: Any
 
 
+@dataclass(frozen=True)
+class VisionLayer:
+    """The vision encoder layer behind the features a family's stage 1 reduces (VisionZip reads it).
+
+    Attributes:
+        layer: the encoder layer whose output the features come from; its input gives the attention
+            and keys (CLIP/SigLIP layers take (I, S, D); Qwen ViT blocks take packed (S, D) rows with
+            cu_seqlens and rotary position embeddings).
+        output: the module whose output rows the stage-1 features are exact copies of: the layer itself,
+            or Qwen's patch merger (one row per `group` consecutive layer rows).
+        cls: the layer's sequences start with a CLS token (CLIP), which the features leave out.
+        group: consecutive layer rows merged into one output row (Qwen's 2x2 merge: 4), else 1.
+    """
+
+    layer: torch.nn.Module
+    output: torch.nn.Module
+    cls: bool
+    group: int = 1
+
+
 class Family:
     """A model family: where the visual tokens are made, and which placeholder tokens hold them.
 
@@ -70,6 +90,11 @@ class Family:
 
     def install_stage1(self, model: torch.nn.Module, session: Any, hooks: HookSet) -> None:
         raise NotImplementedError
+
+    def vision_feature_layer(self, model: torch.nn.Module) -> VisionLayer | None:
+        """The vision layer behind the stage-1 features, or None where this family names none (VisionZip
+        then refuses the model). May raise ValueError saying why this model's layer cannot be read."""
+        return None
 
     def gather_language_kwargs(self, kwargs: dict, selection: RowSelection) -> None:
         """Apply the entry selection to family-specific language-model kwargs (in place)."""

@@ -7,7 +7,29 @@ import torch
 
 from ..runtime.hooks import HookSet
 from ..runtime.state import VisualItem
-from .base import Family, keep_mask, scatter_rows, square_grid
+from .base import Family, VisionLayer, keep_mask, scatter_rows, square_grid
+
+
+def clip_feature_layer(tower: torch.nn.Module, feature_layer: Any, strategy: str) -> VisionLayer:
+    """The CLIP/SigLIP encoder layer whose output is `hidden_states[feature_layer]` (LLaVA's features).
+
+    hidden_states[0] is the embeddings and hidden_states[i] the output of layer i - 1, so -2 of 24 layers
+    is layer 22. ValueError for several feature layers, the embeddings, or a CLS token handed on as a feature.
+    """
+    if not isinstance(feature_layer, int):
+        raise ValueError(f"VisionZip reads one vision layer; this model concatenates layers {feature_layer}")
+    body = getattr(tower, "vision_model", tower)  # a *VisionModel wraps the *VisionTransformer
+    layers = body.encoder.layers
+    index = feature_layer % (len(layers) + 1) - 1
+    if index < 0:
+        raise ValueError("VisionZip needs an encoder layer; vision_feature_layer selects the patch embeddings")
+    cls = hasattr(body.embeddings, "class_embedding")
+    if cls and strategy != "default":
+        raise ValueError(
+            f"VisionZip scores the patches by the CLS token, which vision_feature_select_strategy={strategy!r} "
+            "hands to the language model as a feature; use 'default'"
+        )
+    return VisionLayer(layer=layers[index], output=layers[index], cls=cls)
 
 
 class LlavaFamily(Family):
@@ -55,3 +77,7 @@ class LlavaFamily(Family):
 
         hooks.pre(model.model.multi_modal_projector, reduce)
         hooks.post(model.model.multi_modal_projector, restore)
+
+    def vision_feature_layer(self, model: torch.nn.Module) -> VisionLayer:
+        config = model.config
+        return clip_feature_layer(model.model.vision_tower, config.vision_feature_layer, config.vision_feature_select_strategy)

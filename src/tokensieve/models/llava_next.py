@@ -17,7 +17,8 @@ from transformers.models.llava_next import modeling_llava_next
 
 from ..runtime.hooks import HookSet
 from ..runtime.state import VisualItem
-from .base import Family
+from .base import Family, VisionLayer
+from .llava import clip_feature_layer
 
 
 # ---------------------------------------------------------------------------------------- geometry
@@ -387,3 +388,7 @@ class LlavaNextFamily(AnyResFamily):
     """LLaVA-NeXT (LLaVA-1.6): CLIP tower, AnyRes crops, `spatial_unpad` packing with image newlines."""
 
     model_types = ("llava_next",)
+
+    def vision_feature_layer(self, model: torch.nn.Module) -> VisionLayer:
+        config = model.config
+        return clip_feature_layer(model.model.vision_tower, config.vision_feature_layer, config.vision_feature_select_strategy)

@@ -35,7 +35,7 @@ from ..ops.plan import ReductionPlan
 from ..runtime.hooks import HookSet
 from ..runtime.sequence import RowSelection
 from ..runtime.state import VisualItem
-from .base import Family, keep_mask, scatter_rows
+from .base import Family, VisionLayer, keep_mask, scatter_rows
 
 Span = tuple[int, int]  # (start, length) of one frame group among an item's merged tokens
 
@@ -149,6 +149,12 @@ class QwenVLFamily(Family):
             make = self._wrapper_factory(modality, merge, session, reentry)
             hooks.wrap_method(outer, f"get_{modality}_features", make)
         hooks.pre(outer, decode_positions_hook(session))
+
+    def vision_feature_layer(self, model: torch.nn.Module) -> VisionLayer:
+        """The last ViT block; the features are its patch merger's rows (one per 2x2 group of block rows)."""
+        visual = model.model.visual
+        merge = model.config.vision_config.spatial_merge_size
+        return VisionLayer(layer=visual.blocks[-1], output=visual.merger, cls=False, group=merge * merge)
 
     def _wrapper_factory(self, modality: str, merge: int, session: Any, reentry: _Reentry) -> Callable:
         def make_wrapper(original: Callable) -> Callable:

@@ -49,6 +49,8 @@ class Session:
     # ------------------------------------------------------------------ install / remove
     def install(self) -> None:
         try:
+            if self.schedule.install is not None:
+                self.schedule.install(self.model, self.family, self.hooks)
             self.family.install_stage1(self.model, self, self.hooks)
             self.hooks.pre(self.parts.outer, self._capture_input_ids)
             self.hooks.pre(self.parts.language_model, self._enter_language_model)

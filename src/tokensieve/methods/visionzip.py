@@ -1,0 +1,283 @@
+"""VisionZip: dominant tokens by the vision encoder's attention, the rest merged into contextual tokens."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..attention import project, rotate
+from ..ops.plan import ReductionPlan, selection_plan
+from .base import Schedule, check_budget, mean_budget
+
+AUTHORS_CONTEXTUAL = 10 / 64  # 64 = 54 + 10, 128 = 108 + 20, 192 = 162 + 30 (and per NeXT crop: 32 = 27 + 5)
+
+
+# ---------------------------------------------------------------------------------- the plan (pure maths)
+def contextual_count(keep: int, share: float) -> int:
+    """Contextual tokens among `keep`: share * keep, halves rounded up."""
+    return int(share * keep + 0.5)
+
+
+def dominant_contextual_plan(score: torch.Tensor, keys: torch.Tensor, keep: int, contextual: int) -> ReductionPlan:
+    """VisionZip's reduction of G items of n tokens to `keep` = D + C slots.
+
+    Dominant: the D = keep - contextual highest scores (ties to the lower index), kept as they are.
+    Contextual: of the M = n - D other tokens in index order, C targets evenly spaced in that list
+    (step max(1, M // C), the first C); every other remaining token goes to its most cosine-similar
+    target by `keys` (ties to the first target); each target's slot becomes its own features plus the
+    mean of the tokens assigned to it (weights 1 and 1/count; the target weighs as much as its group).
+
+    Args:
+        score: (G, n) float; keys: (G, n, d) float.
+    Returns:
+        ReductionPlan with kept_index (G, keep) ascending (a contextual token sits at its target's
+        place) and weights (G, keep, n), or a plain selection when contextual is 0.
+    """
+    n = score.shape[1]
+    dominant = score.argsort(dim=1, descending=True, stable=True)[:, : keep - contextual]  # (G, D)
+    if contextual == 0:
+        return selection_plan(dominant)
+    is_dominant = torch.zeros_like(score, dtype=torch.bool).scatter_(1, dominant, True)
+    rest = is_dominant.to(torch.uint8).argsort(dim=1, stable=True)[:, : n - dominant.shape[1]]  # (G, M) ascending
+    slots = torch.arange(0, rest.shape[1], max(1, rest.shape[1] // contextual), device=score.device)[:contextual]
+    is_slot = torch.zeros(rest.shape[1], dtype=torch.bool, device=score.device)
+    is_slot[slots] = True
+    targets, others = rest[:, is_slot], rest[:, ~is_slot]  # (G, C), (G, M - C)
+    unit = F.normalize(keys.float(), dim=-1)
+    similarity = gather_rows(unit, others) @ gather_rows(unit, targets).transpose(1, 2)  # (G, M - C, C)
+    owner = targets.gather(1, similarity.argmax(dim=-1))  # (G, M - C) target token of each other token
+    weights = merge_weights(n, dominant, targets, others, owner)
+    kept = torch.cat([dominant, targets], dim=1).sort(dim=1).values
+    return ReductionPlan(kept, weights.gather(1, kept[..., None].expand(-1, -1, n)))
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (G, n, d) at index (G, k) -> (G, k, d)."""
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def merge_weights(n: int, dominant, targets, others, owner) -> torch.Tensor:
+    """(G, n, n): row t holds what slot t is made of (dominant and target rows 1 on themselves, each
+    other token 1/|group| on its owner's row); index tensors (G, *) as in `dominant_contextual_plan`."""
+    groups = dominant.shape[0]
+    batch = torch.arange(groups, device=dominant.device)[:, None]
+    weights = torch.zeros(groups, n, n, device=dominant.device)
+    weights[batch, dominant, dominant] = 1.0
+    weights[batch, targets, targets] = 1.0
+    counts = torch.zeros(groups, n, device=dominant.device).scatter_add_(1, owner, torch.ones_like(owner, dtype=torch.float))
+    weights[batch, owner, others] = 1.0 / counts.gather(1, owner)
+    return weights
+
+
+# ---------------------------------------------------------------------------------- reading the vision layer
+def received_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention each row receives: softmax per head, mean over heads, sum over query rows.
+
+    q, k: (H, s, d) float32 of one attention segment. Returns (s,). Computed in query chunks.
+    """
+    heads, length = q.shape[:2]
+    step = max(1, 2**25 // (heads * length))
+    total = q.new_zeros(length)
+    for start in range(0, length, step):
+        probabilities = (q[:, start : start + step] @ k.transpose(1, 2) * scale).softmax(dim=-1)
+        total += probabilities.mean(dim=0).sum(dim=0)
+    return total
+
+
+def clip_layer_reading(layer: torch.nn.Module, hidden: torch.Tensor, cls: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score and mean-head key of every row of a CLIP/SigLIP encoder layer's input hidden (I, S, D).
+
+    Score: with a CLS token, the CLS row's attention (softmax per head, summed over heads) over every
+    column; without one, the attention each row receives. Keys: k_proj of layer_norm1, mean over heads.
+    Returns (I * S,) and (I * S, d), float32.
+    """
+    attn = layer.self_attn
+    normed = layer.layer_norm1(hidden)
+    k = project(attn.k_proj, normed).unflatten(-1, (attn.num_heads, -1)).transpose(1, 2)  # (I, H, S, d)
+    if cls:
+        q = project(attn.q_proj, normed[:, :1]).unflatten(-1, (attn.num_heads, -1)).transpose(1, 2)  # (I, H, 1, d)
+        score = (q @ k.transpose(-1, -2) * attn.scale).softmax(dim=-1).sum(dim=1)[:, 0]  # (I, S)
+    else:
+        q = project(attn.q_proj, normed).unflatten(-1, (attn.num_heads, -1)).transpose(1, 2)
+        score = torch.stack([received_attention(qi, ki, attn.scale) for qi, ki in zip(q, k)])
+    return score.flatten(), k.mean(dim=1).flatten(0, 1)
+
+
+def qwen_block_reading(block: torch.nn.Module, hidden: torch.Tensor, cu_seqlens: torch.Tensor,
+                       rotary: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score and mean-head key of every row of a Qwen ViT block's packed input hidden (S, D).
+
+    Score: the attention each row receives within its cu_seqlens segment (queries and keys rotated as
+    the block rotates them). Keys: the block's keys before the rotary embedding (content only, as
+    CLIP's), mean over heads. Returns (S,) and (S, d), float32.
+    """
+    attn = block.attn
+    qkv = project(attn.qkv, block.norm1(hidden)).view(hidden.shape[0], 3, attn.num_heads, -1)
+    q, k = (qkv[:, i].transpose(0, 1)[None] for i in (0, 1))  # (1, H, S, d)
+    cos, sin = (t[None] for t in rotary)
+    q_rot, k_rot = rotate(q, cos, sin)[0], rotate(k, cos, sin)[0]
+    bounds = cu_seqlens.tolist()
+    score = torch.cat([received_attention(q_rot[:, a:b], k_rot[:, a:b], attn.scaling) for a, b in zip(bounds, bounds[1:])])
+    return score, k[0].mean(dim=0)
+
+
+def group_mean(x: torch.Tensor, group: int) -> torch.Tensor:
+    """Mean over consecutive runs of `group` rows: (R, ...) -> (R / group, ...)."""
+    return x.unflatten(0, (-1, group)).mean(dim=1)
+
+
+def locate(rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Where each row of x (G, n, D) occurs among rows (T, D), which it must equal exactly.
+
+    Rows are matched by a random projection in float64 (nearest value), then checked for equality.
+    Returns (G, n) long. Raises RuntimeError if some row of x is not among them.
+    """
+    probe = torch.randn(rows.shape[-1], generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(rows.device)
+    projected = rows.double() @ probe
+    order = projected.argsort()
+    ordered = projected[order]
+    wanted = x.double() @ probe  # (G, n)
+    right = torch.searchsorted(ordered, wanted).clamp(max=ordered.numel() - 1)
+    left = (right - 1).clamp(min=0)
+    closer_left = (wanted - ordered[left]).abs() <= (ordered[right] - wanted).abs()
+    index = order[torch.where(closer_left, left, right)]
+    if not torch.equal(rows[index], x):
+        raise RuntimeError(
+            "VisionZip could not find the features it is asked to reduce among the rows of the vision layer it "
+            "read in this encoding; the family hands stage 1 something other than that layer's output"
+        )
+    return index
+
+
+class VisionReader:
+    """Hooks that read the feature layer in each vision forward; then looks features up in that reading.
+
+    The family hands stage 1 rows copied from `VisionLayer.output` (cropped, unpadded, reordered as it
+    likes); `scores_keys` finds each of them among the rows read, so it needs no family knowledge.
+    """
+
+    def __init__(self) -> None:
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # per layer row: score, key
+        self.reading: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # output rows, score, key
+
+    def install(self, model: torch.nn.Module, family, hooks) -> None:
+        where = family.vision_feature_layer(model)
+        if where is None:
+            raise ValueError(
+                f"VisionZip reads the vision layer behind the features stage 1 reduces, and the "
+                f"{model.config.model_type} family does not name one; VisionZip supports llava, llava_next, "
+                "qwen2_vl, qwen2_5_vl and qwen3_vl"
+            )
+        hooks.pre(where.layer, lambda module, args, kwargs: self._read_layer(where, args, kwargs))
+        hooks.post(where.output, lambda module, args, kwargs, output: self._read_output(where, output))
+
+    def _read_layer(self, where, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        with torch.no_grad():
+            if hidden.dim() == 3:
+                mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
+                if mask is not None:
+                    raise RuntimeError("VisionZip does not support an attention mask in the vision encoder")
+                score, keys = clip_layer_reading(where.layer, hidden, where.cls)
+            else:
+                score, keys = qwen_block_reading(where.layer, hidden, kwargs["cu_seqlens"], kwargs["position_embeddings"])
+        self.pending = (group_mean(score, where.group), group_mean(keys, where.group))
+        self.reading = None
+
+    def _read_output(self, where, output) -> None:
+        rows = (output[0] if isinstance(output, tuple) else output).flatten(0, -2)
+        if self.pending is None or self.pending[0].shape[0] != rows.shape[0]:
+            raise RuntimeError(f"VisionZip read {rows.shape[0]} output rows but not the matching layer input")
+        self.reading = (rows, *self.pending)
+        self.pending = None
+
+    def scores_keys(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score (G, n) and keys (G, n, d) of the features x (G, n, D) from the last reading."""
+        if self.reading is None:
+            raise RuntimeError("VisionZip has no reading of the vision layer for these features (encode the images again)")
+        rows, score, keys = self.reading
+        index = locate(rows, x)
+        return score[index], keys[index]
+
+
+@dataclass(frozen=True)
+class VisionZip:
+    """Keep the tokens the vision encoder attends to most; merge the rest into a few contextual tokens.
+
+    Paper: https://arxiv.org/abs/2412.04467 (CVPR 2025), "VisionZip: Longer is Better but Not
+    Necessary in Vision Language Models". Definition: BASELINES.md.
+
+    Acts on the vision side (stage 1), on the features the family reduces, which must all come from one
+    encoder layer (`Family.vision_feature_layer`: LLaVA's vision_feature_layer, -2 = layer 22 of 24;
+    Qwen's last ViT block). A pre-hook on that layer computes from its own input, with its own
+    layernorm and q/k projections (the tower keeps SDPA; nothing is switched to eager):
+    - the score: the CLS row's attention (softmax per head, summed over heads) over the patches; where
+      the encoder has no CLS (SigLIP, Qwen), the attention each token receives (mean over heads, sum
+      over query rows); on Qwen, averaged over each 2x2 merge group;
+    - the keys: k_proj of the layer's input after its first layernorm, mean over heads (Qwen: per
+      merge group, before the rotary embedding).
+    Attention, keys and features thus come from the same layer. Of an item's n features the D
+    highest-scoring are dominant; the rest are merged into C contextual tokens
+    (`dominant_contextual_plan`). A contextual token takes its target's place (the runtime keeps
+    original positions; Qwen keeps the target's M-RoPE position), so the output is in position order
+    rather than the authors' [CLS, dominant, contextual].
+
+    CLS: the authors' code hands the CLS token to the language model as one of the D dominant tokens
+    (CLS + D - 1 patches); as LightCompress does, it is not handed on here, and the D dominant tokens
+    are all patches. The token count is the same: D + C.
+
+    Budget semantics: `budget` (tokens) or `ratio` (fraction of an item's n tokens) is the mean number
+    of visual tokens per decoder layer, per image, b: every decoder layer processes round(b) (VisionZip
+    acts before the language model, so this is also the literature's count). By default each reduced
+    part keeping k tokens makes C = k * 10/64 of them contextual (halves up): on LLaVA-1.5 (576 tokens)
+    192 = 162 + 30, 128 = 108 + 20, 64 = 54 + 10. On LLaVA-NeXT the family splits an image's budget
+    over its crops in proportion to their tokens and each crop is reduced alone with the same share
+    (the authors' 128 = 108 + 20 and 32 = 27 + 5 per crop). Qwen: per image or video frame group.
+    `ratio=1.0` keeps everything.
+
+    Families: LLaVA-1.5 and LLaVA-NeXT (CLIP; `vision_feature_select_strategy="default"`, one feature
+    layer), Qwen2-VL, Qwen2.5-VL and Qwen3-VL (no CLS: attention received in the last ViT block; Qwen3's
+    deepstack features follow the same plan). Not LLaVA-OneVision: its large images' tile tokens are
+    interpolated after the projector, so they are no vision layer's rows (ValueError at compress time).
+
+    Attributes:
+        contextual: share of each reduced part's kept tokens that are contextual (None: the authors'
+            10/64).
+    """
+
+    budget: float | None = None
+    ratio: float | None = None
+    contextual: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.budget is None and self.ratio is None:
+            raise ValueError("VisionZip needs a budget (visual tokens per layer, e.g. budget=64) or a ratio (e.g. 0.11)")
+        check_budget(self.budget, self.ratio)
+        if self.contextual is not None and not 0.0 <= self.contextual < 1.0:
+            raise ValueError(
+                f"contextual is the share of the kept tokens that are contextual, in [0, 1) (the authors': 10/64); "
+                f"got {self.contextual}"
+            )
+
+    @property
+    def share(self) -> float:
+        return AUTHORS_CONTEXTUAL if self.contextual is None else self.contextual
+
+    def schedule(self, num_layers: int, family_defaults: dict) -> Schedule:
+        reader = VisionReader()
+
+        def keep(n: int) -> int:
+            return min(n, round(mean_budget(self.budget, self.ratio, n)))
+
+        def plan(x: torch.Tensor, keep: int, stage: str = "stage1") -> ReductionPlan:
+            score, keys = reader.scores_keys(x)
+            return dominant_contextual_plan(score, keys, keep, contextual_count(keep, self.share))
+
+        return Schedule(num_layers, keep, plan, plan_flops=self._flops, install=reader.install)
+
+    def _flops(self, n: int, keep: int, width: int) -> int:
+        """About: the keys and score row of the read layer (2 n D^2 + 2 n D), the similarities of the
+        remaining tokens to the targets and the weighted merge (2 keep n D)."""
+        c = contextual_count(keep, self.share)
+        return 2 * n * width * width + 2 * n * width + 2 * (n - keep) * c * width + 2 * keep * n * width
