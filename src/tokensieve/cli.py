@@ -60,13 +60,13 @@ def _add_bench(commands) -> None:
     speed.add_argument("--shape", default="llava-1.5-7b", choices=sorted(SHAPES), help="preset (default: %(default)s)")
     speed.add_argument("--budgets", type=_positive_int, nargs="+", default=[192, 128, 64])
     speed.add_argument("--methods", nargs="+", default=list(METHOD_NAMES), help="(default: every available one)")
-    speed.add_argument("--layers", type=_positive_int, default=2, help="decoder layers built (default: %(default)s)")
+    speed.add_argument("--layers", type=_positive_int, default=4, help="decoder layers built (default: %(default)s)")
     speed.add_argument("--vision-layers", type=_positive_int, default=2, help="vision layers built (default: %(default)s)")
     speed.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     speed.add_argument("--device", default="cuda" if _cuda() else "cpu")
     speed.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
-    speed.add_argument("--repeats", type=_positive_int, default=3)
-    speed.add_argument("--new-tokens", type=_positive_int, default=8, help="tokens generated end to end")
+    speed.add_argument("--repeats", type=_positive_int, default=2, help="timed runs after a warm-up (default: %(default)s)")
+    speed.add_argument("--new-tokens", type=_positive_int, default=4, help="tokens generated end to end (default: %(default)s)")
     speed.add_argument("--resolution", type=_positive_int, default=448, help="image side for qwen2.5-vl-7b")
     speed.add_argument("--json", help="write the records here")
     speed.add_argument("--plot", default="out/bench_speed.png", help="PNG of speed-up and overhead (default: %(default)s)")
@@ -83,7 +83,7 @@ def _run_bench_speed(args: argparse.Namespace) -> int:
     from .bench.speed import markdown_table, plot, run_speed, write_json
 
     records, skipped = run_speed(args.shape, tuple(args.budgets), tuple(args.methods), args.layers, args.vision_layers,
-                        args.dtype, args.device, args.repeats, args.new_tokens, attn=args.attn,
+                        args.dtype, args.device, args.repeats, args.new_tokens, decode_steps=2, attn=args.attn,
                         resolution=args.resolution)
     print(markdown_table(records))
     print(f"\n{args.shape}, {args.layers} decoder + {args.vision_layers} vision layers, {args.dtype}, {args.device}; "
