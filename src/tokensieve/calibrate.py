@@ -204,5 +204,5 @@ def fidelity_table(selectors: Selectors) -> str:
         if entry:
             b, a = entry["before"], entry["after"]
             lines.append(f"{i:>5}  {b['topk_overlap']:.3f} -> {a['topk_overlap']:.3f}"
-                         f"{'':17}{b['score_mse']:.4f} -> {a['score_mse']:.4f}")
+                         f"{'':17}{b['score_mse']:.2e} -> {a['score_mse']:.2e}")
     return "\n".join(lines)
