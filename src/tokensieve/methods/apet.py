@@ -8,7 +8,10 @@ import torch
 from ..flops import apet_flops
 from ..ops.apet import apet_plan
 from ..ops.plan import ReductionPlan
-from .base import InnerStage, Schedule, StageContext, StageRequest, check_budget, grouped_plans, mean_budget
+from .base import (
+    InnerStage, Schedule, StageContext, StageRequest, check_budget, check_stage_layer, grouped_plans, mean_budget,
+    tokens_after,
+)
 
 
 @dataclass(frozen=True)
@@ -72,8 +75,7 @@ class ApET:
 
     def stage2_layer(self, num_layers: int) -> int:
         layer = num_layers // 2 if self.layer is None else self.layer
-        if not 1 <= layer < num_layers:
-            raise ValueError(f"layer must be in [1, {num_layers - 1}] for a {num_layers}-layer model, got {layer}")
+        check_stage_layer(layer, num_layers)
         return layer
 
     def schedule(self, num_layers: int, family_defaults: dict) -> Schedule:
@@ -89,8 +91,8 @@ class ApET:
             first = stage1_keep(n)
             if self.stage1 is not None:
                 return first if self.stage2 is None else min(first, self.stage2)
-            wanted = mean_budget(self.budget, self.ratio, n) * num_layers - first * layer
-            return max(0, min(first, round(wanted / (num_layers - layer))))
+            wanted = tokens_after(mean_budget(self.budget, self.ratio, n), first, layer, num_layers)
+            return max(0, min(first, round(wanted)))
 
         def plan(x: torch.Tensor, keep: int, stage: str = "stage1") -> ReductionPlan:
             return apet_plan(x, keep, self.num_basis, self.eps, blend, self.merge, start=self._start(x))

@@ -176,6 +176,18 @@ def check_budget(budget: float | None, ratio: float | None) -> None:
         raise ValueError(f"ratio must be in (0, 1], got {ratio}")
 
 
+def check_stage_layer(layer: int, num_layers: int) -> None:
+    """ValueError unless 1 <= layer < num_layers (a stage before layer 0 or after the last is no stage)."""
+    if not 1 <= layer < num_layers:
+        raise ValueError(f"layer must be in [1, {num_layers - 1}] for a {num_layers}-layer model, got {layer}")
+
+
+def tokens_after(mean: float, first: float, layer: int, num_layers: int) -> float:
+    """Tokens per layer from `layer` on such that the mean over all layers is `mean`, when the layers
+    before it process `first` tokens each (unrounded; may be below 1 when the budget is too small)."""
+    return (mean * num_layers - first * layer) / (num_layers - layer)
+
+
 def mean_budget(budget: float | None, ratio: float | None, n: int) -> float:
     """Mean visual tokens per decoder layer wanted for an item of n tokens (never above n)."""
     wanted = budget if budget is not None else ratio * n

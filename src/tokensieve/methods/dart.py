@@ -8,7 +8,9 @@ import torch.nn.functional as F
 
 from ..attention import queries_keys, rotate
 from ..ops.plan import ReductionPlan, selection_plan
-from .base import InnerStage, Schedule, StageContext, StageRequest, check_budget, mean_budget
+from .base import (
+    InnerStage, Schedule, StageContext, StageRequest, check_budget, check_stage_layer, mean_budget, tokens_after,
+)
 
 
 def pivot_keys(layer: torch.nn.Module, hidden: torch.Tensor, rotary, valid: torch.Tensor) -> torch.Tensor:
@@ -137,7 +139,7 @@ class DART:
         mean, k, side = mean_budget(self.budget, self.ratio, n), self.layer, self.pivots // 2
         if mean >= n:
             return n
-        kept = round((mean * num_layers - k * n) / (num_layers - k))
+        kept = round(tokens_after(mean, n, k, num_layers))
         if kept < min(n, side):
             floor = (k * n + (num_layers - k) * side) / num_layers
             raise ValueError(
@@ -149,8 +151,7 @@ class DART:
 
     def schedule(self, num_layers: int, family_defaults: dict) -> Schedule:
         k = self.layer
-        if not 1 <= k < num_layers:
-            raise ValueError(f"layer must be in [1, {num_layers - 1}] for a {num_layers}-layer model, got {k}")
+        check_stage_layer(k, num_layers)
         if self.ratio is not None and self.ratio < 1 and self.ratio * num_layers <= k:
             raise ValueError(
                 f"DART cannot reach ratio={self.ratio:g} on a {num_layers}-layer model: layers 0..{k - 1} keep every "

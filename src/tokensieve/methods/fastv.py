@@ -8,7 +8,9 @@ import torch
 from ..attention import last_query_attention
 from ..ops.plan import ReductionPlan
 from ..ops.topk import top_scores_plan
-from .base import InnerStage, Schedule, StageContext, StageRequest, check_budget, mean_budget
+from .base import (
+    InnerStage, Schedule, StageContext, StageRequest, check_budget, check_stage_layer, mean_budget, tokens_after,
+)
 
 
 def last_token_attention(layer: torch.nn.Module, hidden: torch.Tensor, rotary, valid: torch.Tensor) -> torch.Tensor:
@@ -86,7 +88,7 @@ class FastV:
         mean, k = mean_budget(self.budget, self.ratio, n), self.layer
         if mean >= n:
             return n
-        exact = (mean * num_layers - k * n) / (num_layers - k)
+        exact = tokens_after(mean, n, k, num_layers)
         if exact < 1:
             floor = (k * n + num_layers - k) / num_layers
             raise ValueError(
@@ -98,8 +100,7 @@ class FastV:
 
     def schedule(self, num_layers: int, family_defaults: dict) -> Schedule:
         k = self.layer
-        if not 1 <= k < num_layers:
-            raise ValueError(f"layer must be in [1, {num_layers - 1}] for a {num_layers}-layer model, got {k}")
+        check_stage_layer(k, num_layers)
         if self.ratio is not None and self.ratio < 1 and self.ratio * num_layers <= k:
             raise ValueError(
                 f"FastV cannot reach ratio={self.ratio:g} on a {num_layers}-layer model: layers 0..{k - 1} keep "
