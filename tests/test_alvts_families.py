@@ -3,6 +3,9 @@ so every family's layer structure allows it): keep-all identity, cached generati
 recomputation, a batch equal to its rows, SDPA equal to eager, pinned tokens always routed."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import pytest
 import torch
 
@@ -14,75 +17,63 @@ from tiny_qwen import MODEL_TYPES, qwen_inputs, row, tiny_qwen
 ALVTS = ts.ALVTS(ratio=0.2, start_layer=0, rank=8)
 
 
-def check_cached_equals_held(model, inputs: dict, method, steps: int = 4) -> None:
-    with ts.compress(model, method) as handle:
-        first = forward_logits(model, inputs).argmax(-1)
-        cached = greedy(model, inputs, steps)
+@dataclass
+class Case:
+    """A family's tiny model (built per attention implementation), a two-prompt batch, and its rows."""
+
+    make: Callable[[str], torch.nn.Module]
+    batch: dict
+    rows: list[dict]
+
+    def __post_init__(self) -> None:
+        self.model = self.make("sdpa")
+
+
+def anyres_case(kind: str) -> Case:
+    model = tiny_anyres(kind)
+    batch = anyres_inputs(model, [(5, 6), (3, 4)], SIZES)
+    return Case(lambda attn: tiny_anyres(kind, attn), batch, [row_inputs(batch, 0), row_inputs(batch, 1)])
+
+
+def qwen_case(kind: str) -> Case:
+    batch = qwen_inputs(kind, [(3, (16, 16), 4), (2, (16, 20), 3)])
+    return Case(lambda attn: tiny_qwen(kind, attn), batch, [row(batch, 0), row(batch, 1)])
+
+
+@pytest.fixture(scope="module", params=KINDS + MODEL_TYPES)
+def case(request) -> Case:
+    return anyres_case(request.param) if request.param in KINDS else qwen_case(request.param)
+
+
+def test_keep_all(case):
+    check_keep_all(case.model, case.batch, ts.ALVTS(ratio=1.0, rank=4))
+
+
+def test_cached_equals_held(case):
+    with ts.compress(case.model, ALVTS) as handle:
+        first = forward_logits(case.model, case.batch).argmax(-1)
+        cached = greedy(case.model, case.batch, 4)
         handle.hold_selection()
-        held = greedy(model, inputs, steps, use_cache=False)
+        held = greedy(case.model, case.batch, 4, use_cache=False)
     assert torch.equal(cached[:, 0], first)
     assert torch.equal(cached, held), (cached, held)
 
 
-@pytest.fixture(scope="module", params=KINDS)
-def anyres(request):
-    model = tiny_anyres(request.param)
-    batch = anyres_inputs(model, [(5, 6), (3, 4)], SIZES)
-    return request.param, model, batch
+def test_batch_equals_rows(case):
+    check_batch_equals_rows(case.model, case.batch, case.rows, ALVTS, steps=3)
 
 
-def test_anyres_keep_all(anyres):
-    _, model, batch = anyres
-    check_keep_all(model, batch, ts.ALVTS(ratio=1.0, rank=4))
+def test_sdpa_equals_eager(case):
+    check_attention_implementations(case.make, case.batch, ALVTS, steps=3)
 
 
-def test_anyres_cached_equals_held(anyres):
-    _, model, batch = anyres
-    check_cached_equals_held(model, batch, ALVTS)
-
-
-def test_anyres_batch_equals_rows(anyres):
-    _, model, batch = anyres
-    check_batch_equals_rows(model, batch, [row_inputs(batch, 0), row_inputs(batch, 1)], ALVTS, steps=3)
-
-
-def test_anyres_newlines_are_routed_through_every_layer(anyres):
-    _, model, batch = anyres
-    with ts.compress(model, ALVTS) as handle:
-        forward_logits(model, batch)
+@pytest.mark.parametrize("kind", KINDS)
+def test_anyres_newlines_are_routed_through_every_layer(kind):
+    case = anyres_case(kind)
+    with ts.compress(case.model, ALVTS) as handle:
+        forward_logits(case.model, case.batch)
     for item, kept in zip(handle.stats.items, handle.stats.kept):
         newlines = item.pinned.nonzero().flatten()
         assert newlines.numel() > 0
-        for layer in range(len(model.model.language_model.layers)):
+        for layer in range(len(case.model.model.language_model.layers)):
             assert set(newlines.tolist()) <= set(kept[f"layer{layer}"].tolist())
-
-
-def test_anyres_sdpa_equals_eager(anyres):
-    kind, _, batch = anyres
-    check_attention_implementations(lambda attn: tiny_anyres(kind, attn), batch, ALVTS, steps=3)
-
-
-@pytest.fixture(scope="module", params=MODEL_TYPES)
-def qwen(request):
-    model = tiny_qwen(request.param)
-    return request.param, model, qwen_inputs(request.param, [(3, (16, 16), 4), (2, (16, 20), 3)])
-
-
-def test_qwen_keep_all(qwen):
-    _, model, batch = qwen
-    check_keep_all(model, batch, ts.ALVTS(ratio=1.0, rank=4))
-
-
-def test_qwen_cached_equals_held(qwen):
-    _, model, batch = qwen
-    check_cached_equals_held(model, batch, ALVTS)
-
-
-def test_qwen_batch_equals_rows(qwen):
-    _, model, batch = qwen
-    check_batch_equals_rows(model, batch, [row(batch, 0), row(batch, 1)], ALVTS, steps=3)
-
-
-def test_qwen_sdpa_equals_eager(qwen):
-    kind, _, batch = qwen
-    check_attention_implementations(lambda attn: tiny_qwen(kind, attn), batch, ALVTS, steps=3)
