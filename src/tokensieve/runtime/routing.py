@@ -17,22 +17,36 @@ class Route:
     keep: torch.Tensor
     selection: RowSelection
     full_hidden: torch.Tensor | None = None  # the layer's whole input, until its output is scattered
+    slots: list[torch.Tensor] | None = None  # kept slots of each item (None for a held choice)
+    visual_per_row: list[int] | None = None
 
 
-def top_rows(scores: torch.Tensor, level: Level, items: list[VisualItem], layer: int, routing: Routing) -> torch.Tensor:
-    """keep (B, S) bool: every text/padding/pinned row, and each item's top-k visual rows by score.
+@dataclass
+class Choice:
+    """A routed layer's choice: keep (B, S) over the level's rows, the kept slots of each item
+    (sorted, on the model's device), and the visual rows each batch row routes (Python ints)."""
 
-    Ties go to the earlier row (stable sort), so the choice is deterministic.
+    keep: torch.Tensor
+    slots: list[torch.Tensor]
+    visual_per_row: list[int]
+
+
+def top_rows(scores: torch.Tensor, level: Level, items: list[VisualItem], layer: int, routing: Routing) -> Choice:
+    """Every text/padding/pinned row, and each item's top-k visual rows by score.
+
+    Ties go to the earlier row (stable sort), so the choice is deterministic. Shapes are known on
+    the host (k per item, positions cached per level), so no device sync happens per layer.
     """
     keep = (level.item < 0) | level.pinned
-    for i, item in enumerate(items):
-        rows = (level.item == i) & ~level.pinned
-        batch_row = int(rows.any(dim=1).nonzero()[0])
-        positions = rows[batch_row].nonzero().flatten()
+    pinned, _ = level.fixed_counts()
+    visual_per_row, slots = list(pinned), []
+    for (batch_row, positions, pinned_positions), item in zip(level.item_rows(len(items)), items):
         k = min(positions.numel(), routing.keep(layer, item.budget_tokens))
-        order = scores[batch_row, positions].argsort(descending=True, stable=True)
-        keep[batch_row, positions[order[:k]]] = True
-    return keep
+        chosen = positions[scores[batch_row, positions].argsort(descending=True, stable=True)[:k]]
+        keep[batch_row, chosen] = True
+        slots.append(level.slot[batch_row, torch.cat([chosen, pinned_positions])].sort().values)
+        visual_per_row[batch_row] += k
+    return Choice(keep, slots, visual_per_row)
 
 
 def extend_keep(keep: torch.Tensor, length: int) -> torch.Tensor:

@@ -44,17 +44,19 @@ class RowSelection:
         return self.gather(mask, 1) * self.valid.to(mask.dtype)
 
 
-def compact_rows(keep: torch.Tensor) -> RowSelection:
+def compact_rows(keep: torch.Tensor, new_length: int | None = None) -> RowSelection:
     """Keep the True rows of each sequence, in order, left-padded to the longest.
 
     Args:
         keep: (B, S) bool.
+        new_length: the largest kept count when the caller knows it (saves a device sync).
     Returns:
         RowSelection with S_new = max kept count; row b's kept rows fill its last count_b slots.
     """
     batch, length = keep.shape
     counts = keep.sum(dim=1)  # (B,)
-    new_length = int(counts.max()) if batch else 0
+    if new_length is None:
+        new_length = int(counts.max()) if batch else 0
     kept_first = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices  # kept rows first, in order
     slots = torch.arange(new_length, device=keep.device).expand(batch, -1)
     padding = (new_length - counts)[:, None]

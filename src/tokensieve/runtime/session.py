@@ -325,31 +325,32 @@ class Session:
         out["position_embeddings"] = tuple(selection.gather(t, -2) for t in kwargs["position_embeddings"])
         if kwargs.get("position_ids") is not None:
             out["position_ids"] = selection.gather(kwargs["position_ids"], -1)
-        routed_item = selection.gather(level.item, 1).masked_fill(~selection.valid, -1)
-        routed_valid = selection.valid & selection.gather(level.mask, 1).bool()
-        self.stats.tokens_per_layer[:, index] = ((routed_item >= 0) & routed_valid).sum(dim=1).cpu()
-        self.stats.rows_per_layer[:, index] = routed_valid.sum(dim=1).cpu()
-        routed_slot = selection.gather(level.slot, 1)
-        for i, kept in enumerate(self.stats.kept):
-            kept[f"layer{index}"] = routed_slot[routed_item == i].sort().values.cpu()
+        visual, rows = level.counts()
+        routed = torch.tensor(route.visual_per_row)
+        self.stats.tokens_per_layer[:, index] = routed
+        self.stats.rows_per_layer[:, index] = rows - visual + routed
+        for kept, slots in zip(self.stats.kept, route.slots):
+            kept[f"layer{index}"] = slots
         return ((narrowed,) + tuple(args[1:]), out) if args else (args, {**out, "hidden_states": narrowed})
 
     def _choose_route(self, index: int, layer, level: Level, hidden: torch.Tensor, kwargs: dict) -> Route:
         held = self.routes.get(index) if self.hold_routes else None
         if held is not None and held.keep.shape[1] <= level.length:
+            extra = level.length - held.keep.shape[1]
             keep = extend_keep(held.keep, level.length)
-        else:
-            routing = self.schedule.routing
-            rotary = kwargs["position_embeddings"]
-            valid = level.selection.valid & level.mask.bool()
-            scores = routing.score(index, layer, hidden, rotary, level.item, valid)
-            if routing.flops is not None:
-                _, rows = level.counts()
-                items_per_row = [sum(r == b for r in self.stats.rows) for b in range(len(rows))]
-                self.stats.selection_flops += sum(
-                    routing.flops(index, self.stats.widths, int(r), n) for r, n in zip(rows, items_per_row))
-            keep = top_rows(scores, level, self.sequence.items, index, routing)
-        return Route(keep=keep, selection=compact_rows(keep), full_hidden=hidden)
+            return Route(keep, compact_rows(keep, held.selection.length + extra), hidden, held.slots, held.visual_per_row)
+        routing = self.schedule.routing
+        valid = level.selection.valid & level.mask.bool()
+        scores = routing.score(index, layer, hidden, kwargs["position_embeddings"], level.item, valid)
+        if routing.flops is not None:
+            _, rows = level.counts()
+            items_per_row = [self.stats.rows.count(b) for b in range(len(rows))]
+            self.stats.selection_flops += sum(
+                routing.flops(index, self.stats.widths, int(r), n) for r, n in zip(rows, items_per_row))
+        choice = top_rows(scores, level, self.sequence.items, index, routing)
+        pinned, fixed = level.fixed_counts()
+        length = max(f + v - p for f, v, p in zip(fixed, choice.visual_per_row, pinned))
+        return Route(choice.keep, compact_rows(choice.keep, length), hidden, choice.slots, choice.visual_per_row)
 
     def _route_post_hook(self, index: int):
         def hook(module, args, kwargs, output):

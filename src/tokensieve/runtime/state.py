@@ -64,6 +64,7 @@ class Level:
     layer_mask: object = None  # 4-D mask (or None) built at first_layer for the current forward
     rotary: tuple | None = None  # (source, gathered) position embeddings of the current forward
     _count: torch.Tensor | None = None
+    _item_rows: list | None = None
 
     @property
     def length(self) -> int:
@@ -73,8 +74,27 @@ class Level:
         """(B,) visual rows and (B,) non-padding rows each batch row holds here (CPU, computed once)."""
         if self._count is None:
             valid = self.selection.valid & self.mask.bool()
-            self._count = torch.stack([((self.item >= 0) & valid).sum(1), valid.sum(1)]).cpu()
+            visual = (self.item >= 0) & valid
+            self._count = torch.stack([visual.sum(1), valid.sum(1), (visual & self.pinned).sum(1),
+                                       ((self.item < 0) | self.pinned).sum(1)]).cpu()
         return self._count[0], self._count[1]
+
+    def fixed_counts(self) -> tuple[list[int], list[int]]:
+        """Per batch row: pinned visual rows, and rows no selection drops (text, padding, pinned)."""
+        self.counts()
+        return self._count[2].tolist(), self._count[3].tolist()
+
+    def item_rows(self, count: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Per item of `count`: its batch row, the (n,) positions of its unpinned visual rows and the
+        positions of its pinned ones (computed once per level)."""
+        if self._item_rows is None:
+            self._item_rows = []
+            for i in range(count):
+                rows = self.item == i
+                batch_row = int(rows.any(dim=1).nonzero()[0])
+                own, pinned = rows[batch_row], self.pinned[batch_row]
+                self._item_rows.append((batch_row, (own & ~pinned).nonzero().flatten(), (own & pinned).nonzero().flatten()))
+        return self._item_rows
 
     @staticmethod
     def select(selection: RowSelection, item: torch.Tensor, slot: torch.Tensor, pinned: torch.Tensor,
