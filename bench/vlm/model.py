@@ -15,11 +15,10 @@ from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, 
                           LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
 
 from bench.vlm import scenes
+from tokensieve.demo import CLIP_MEAN, CLIP_STD
 
 IMAGE_TOKEN = "<image>"
 SPECIALS = ["[pad]", "[unk]", "<s>", "</s>", IMAGE_TOKEN]
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass

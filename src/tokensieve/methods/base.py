@@ -182,6 +182,15 @@ def check_stage_layer(layer: int, num_layers: int) -> None:
         raise ValueError(f"layer must be in [1, {num_layers - 1}] for a {num_layers}-layer model, got {layer}")
 
 
+def check_ratio_reachable(method: str, ratio: float | None, layer: int, num_layers: int, fix: str) -> None:
+    """ValueError when a ratio below 1 cannot be met because layers 0..layer-1 keep every token."""
+    if ratio is not None and ratio < 1 and ratio * num_layers <= layer:
+        raise ValueError(
+            f"{method} cannot reach ratio={ratio:g} on a {num_layers}-layer model: layers 0..{layer - 1} keep every "
+            f"token, a mean of at least {layer / num_layers:.3f} of them; {fix}"
+        )
+
+
 def tokens_after(mean: float, first: float, layer: int, num_layers: int) -> float:
     """Tokens per layer from `layer` on such that the mean over all layers is `mean`, when the layers
     before it process `first` tokens each (unrounded; may be below 1 when the budget is too small)."""

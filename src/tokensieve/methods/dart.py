@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from ..attention import queries_keys, rotate
 from ..ops.plan import ReductionPlan, selection_plan
 from .base import (
-    InnerStage, Schedule, StageContext, StageRequest, check_budget, check_stage_layer, mean_budget, tokens_after,
+    InnerStage, Schedule, StageContext, StageRequest, check_budget, check_ratio_reachable, check_stage_layer,
+    mean_budget, tokens_after,
 )
 
 
@@ -152,11 +153,7 @@ class DART:
     def schedule(self, num_layers: int, family_defaults: dict) -> Schedule:
         k = self.layer
         check_stage_layer(k, num_layers)
-        if self.ratio is not None and self.ratio < 1 and self.ratio * num_layers <= k:
-            raise ValueError(
-                f"DART cannot reach ratio={self.ratio:g} on a {num_layers}-layer model: layers 0..{k - 1} keep every "
-                f"token, a mean of at least {k / num_layers:.3f} of them; raise the ratio or lower layer"
-            )
+        check_ratio_reachable("DART", self.ratio, k, num_layers, "raise the ratio or lower layer")
         stage = InnerStage(k, lambda n: self.kept_after(n, num_layers), self._plan, name="dart",
                            reads_previous_layer=True, flops=self._flops)
         return Schedule(num_layers, lambda n: n, stages=(stage,), min_keep=self.pivots // 2)

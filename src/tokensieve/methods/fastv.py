@@ -9,7 +9,8 @@ from ..attention import last_query_attention
 from ..ops.plan import ReductionPlan
 from ..ops.topk import top_scores_plan
 from .base import (
-    InnerStage, Schedule, StageContext, StageRequest, check_budget, check_stage_layer, mean_budget, tokens_after,
+    InnerStage, Schedule, StageContext, StageRequest, check_budget, check_ratio_reachable, check_stage_layer,
+    mean_budget, tokens_after,
 )
 
 
@@ -101,11 +102,7 @@ class FastV:
     def schedule(self, num_layers: int, family_defaults: dict) -> Schedule:
         k = self.layer
         check_stage_layer(k, num_layers)
-        if self.ratio is not None and self.ratio < 1 and self.ratio * num_layers <= k:
-            raise ValueError(
-                f"FastV cannot reach ratio={self.ratio:g} on a {num_layers}-layer model: layers 0..{k - 1} keep "
-                f"every token, a mean of at least {k / num_layers:.3f} of them; raise the ratio, lower layer, or give kept="
-            )
+        check_ratio_reachable("FastV", self.ratio, k, num_layers, "raise the ratio, lower layer, or give kept=")
 
         def plan(ctx: StageContext, requests: list[StageRequest]) -> list[ReductionPlan]:
             hidden, rotary = ctx.previous
