@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 import tokensieve as ts
 
+from ..runtime.compat import CACHE_ARGUMENT
 from .shapes import Built, Shape, build, full_prefill_flops
 
 METHOD_NAMES = ("ApET", "ALVTS", "Random", "DivPrune", "FastV", "PDrop", "DART", "VisionZip")
@@ -91,7 +92,7 @@ def decode_per_token(model, prefilled, inputs: dict, steps: int, device: torch.d
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             _sync(device)
             start = time.perf_counter()
-            out = model(input_ids=token, past_key_values=cache, attention_mask=mask, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=token, attention_mask=mask, use_cache=True, logits_to_keep=1, **{CACHE_ARGUMENT: cache})
             _sync(device)
             times.append(time.perf_counter() - start)
             token = out.logits[:, -1].argmax(-1, keepdim=True)

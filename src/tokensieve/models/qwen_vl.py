@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..ops.plan import ReductionPlan
+from ..runtime.compat import cache_in
 from ..runtime.hooks import HookSet
 from ..runtime.sequence import RowSelection
 from ..runtime.state import VisualItem
@@ -102,7 +103,7 @@ def decode_positions_hook(session: Any) -> Callable:
     """
 
     def hook(module, args, kwargs):
-        state, cache = session.sequence, kwargs.get("past_key_values")
+        state, cache = session.sequence, cache_in(kwargs)
         if state is None or cache is None or cache.get_seq_length() == 0 or module.rope_deltas is None:
             return None
         if args or kwargs.get("position_ids") is not None or kwargs.get("attention_mask") is not None:

@@ -4,11 +4,11 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-from transformers.masking_utils import create_causal_mask
 
 from ..flops import Widths
 from ..methods.base import Schedule, StageContext, StageRequest
 from ..ops.plan import ReductionPlan
+from .compat import cache_in, causal_mask
 from .hooks import HookSet
 from .routing import Route, extend_keep, scatter_back, top_rows
 from .sequence import compact_rows
@@ -116,7 +116,7 @@ class Session:
     def _enter_language_model(self, module, args, kwargs):
         if args:
             raise ValueError("tokensieve expects the language model to be called with keyword arguments")
-        cache = kwargs.get("past_key_values")
+        cache = cache_in(kwargs)
         if _cache_length(cache) == 0:
             return args, self._prefill_entry(kwargs)
         if self.sequence is None:
@@ -285,7 +285,7 @@ class Session:
 
     def _narrow_layer_kwargs(self, index: int, level: Level, hidden: torch.Tensor, kwargs: dict, prefill: bool):
         if index == level.first_layer:
-            level.layer_mask = self._layer_mask(level, hidden, kwargs.get("past_key_values"), prefill)
+            level.layer_mask = self._layer_mask(level, hidden, cache_in(kwargs), prefill)
         out = dict(kwargs)
         out["attention_mask"] = level.layer_mask
         if prefill:
@@ -311,7 +311,7 @@ class Session:
 
     # ------------------------------------------------------------------ routing (ALVTS)
     def _route(self, index: int, layer, level: Level, hidden: torch.Tensor, args, kwargs: dict, prefill: bool):
-        cache = kwargs.get("past_key_values")
+        cache = cache_in(kwargs)
         if not prefill:
             route = self.routes[index]
             mask = torch.cat([route.selection.gather_mask(level.mask), self.sequence.new_columns.to(level.mask.dtype)], 1)
@@ -364,10 +364,7 @@ class Session:
         return hook
 
     def _causal_mask(self, hidden: torch.Tensor, mask: torch.Tensor, cache: Any, layer: int):
-        return create_causal_mask(
-            config=self.parts.text_config, inputs_embeds=hidden, attention_mask=mask,
-            past_key_values=cache, layer_idx=layer,
-        )
+        return causal_mask(self.parts.text_config, hidden, mask, cache, layer)
 
     # ------------------------------------------------------------------ inner stages
     def _run_stage(self, stage, index: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:

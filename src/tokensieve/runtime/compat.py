@@ -1,0 +1,26 @@
+"""The one place that knows how transformers names the KV cache.
+
+transformers 5.24 renamed the `past_key_values` argument of models, layers and `create_causal_mask`
+to `cache` (the old name is accepted with a warning until 5.40); 5.23 knows only `past_key_values`.
+Hooks read whichever name the call used; calls we make use the name the installed version expects.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from transformers.masking_utils import create_causal_mask
+
+CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
+
+def cache_in(kwargs: dict) -> Any:
+    """The KV cache a hooked call was given under either name, or None."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
+def causal_mask(config, hidden, attention_mask, cache, layer_idx: int):
+    """`create_causal_mask` with the cache passed under the installed version's name."""
+    return create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask,
+                              layer_idx=layer_idx, **{CACHE_ARGUMENT: cache})
