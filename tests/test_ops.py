@@ -142,3 +142,41 @@ def test_compact_rows_left_pads_kept_rows():
     gathered = selection.gather(x, 1)
     assert gathered[0].tolist() == [0, 2, 3]
     assert gathered[1, 2].item() == 6 and selection.valid.tolist() == [[True] * 3, [False, False, True]]
+
+
+# ---------------------------------------------------------------------------- ALVTS scores
+def slow_alvts_scores(q, k, item, valid) -> torch.Tensor:
+    """Loops: per row, head and query, a softmax over the keys it may see; then S_V2V * S_T2V per visual token."""
+    batch, heads, length, dim = q.shape
+    group = heads // k.shape[1]
+    out = torch.zeros(batch, length)
+    for b in range(batch):
+        attention = torch.zeros(length, length)
+        for h in range(heads):
+            for j in range(length):
+                keys = [i for i in range(j + 1) if valid[b, i]]
+                if not valid[b, j] or not keys:
+                    continue
+                logits = torch.stack([q[b, h, j] @ k[b, h // group, i] / dim ** 0.5 for i in keys])
+                attention[j, keys] += logits.softmax(0) / heads
+        text = [j for j in range(length) if valid[b, j] and item[b, j] < 0]
+        for i in range(length):
+            if item[b, i] < 0 or not valid[b, i]:
+                continue
+            own = [j for j in range(length) if valid[b, j] and item[b, j] == item[b, i]]
+            out[b, i] = attention[own, i].mean() * (attention[text, i].mean() if text else 0.0)
+    return out
+
+
+def test_alvts_scores_equal_the_loop_reference():
+    from tokensieve.ops.alvts import head_mean_attention, visual_token_scores
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, 12, 8, generator=g), torch.randn(2, 2, 12, 8, generator=g)  # grouped-query keys
+    item = torch.tensor([[-1, -1, 0, 0, 0, -1, 1, 1, -1, -1, -1, -1],   # two images in row 0
+                         [-1, -1, -1, -1, -1, 2, 2, 2, 2, -1, -1, -1]])  # left padding in row 1
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    valid[1, :3] = False
+    got = visual_token_scores(head_mean_attention(q, k, valid), item, valid)
+    torch.testing.assert_close(got, slow_alvts_scores(q, k, item, valid), rtol=1e-5, atol=1e-7)
+    assert (got[item < 0] == 0).all() and (got[item >= 0] > 0).all()
