@@ -191,3 +191,17 @@ def test_calibration_lowers_heldout_score_mse(tmp_path):
     other = tiny_llava("sdpa", seed=1, image_size=32)
     with pytest.raises(ts.SelectorMismatchError, match="fingerprint"):
         ts.compress(other, ts.ALVTS(ratio=0.5, selectors=str(path), start_layer=1))
+
+
+def test_calibration_never_leaves_a_selector_worse_than_its_svd_start():
+    """With a learning rate far too high every Adam step overshoots; the SVD start is kept instead."""
+    model = sharpened(tiny_llava("sdpa", image_size=32))
+    train = [structured_inputs(model, seed) for seed in range(4)]
+    fitted = ts.calibrate_alvts(model, train, rank=2, steps=12, lr=50.0, start_layer=1, progress=False)
+    initial = svd_selectors("llava", model.model.language_model.layers, rank=2, start_layer=1)
+    for i in range(1, 4):
+        entry = fitted.fidelity[i]
+        assert entry["after"]["score_mse"] <= entry["before"]["score_mse"], (i, entry)
+    kept_start = [all(torch.equal(x, y) for x, y in zip(fitted.layers[i].parameters(), initial.layers[i].parameters()))
+                  for i in range(1, 4)]
+    assert any(kept_start)
