@@ -2,8 +2,8 @@
 
 Every sample is a pure function of an integer seed: a 192x192 RGB image (24x24 patches of 8 px),
 2-6 objects (circle/square/triangle, 6 colours, 3 sizes, each object wholly inside one quadrant,
-exactly one small object of 16 px = 2x2 patches), a question of one of five kinds and its answer word,
-and per-patch labels for dense supervision of the vision tower.
+exactly one small object of 12 px, 1.5 patches wide), a question of one of five kinds, its answer word and
+the objects that answer it, and per-patch labels for dense supervision of the vision tower.
 """
 from __future__ import annotations
 
@@ -27,11 +27,11 @@ COLORS = {
 COLOR_NAMES = list(COLORS)
 SHAPES = ["circle", "square", "triangle"]
 PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles"}
-SIZES = {"small": 16, "medium": 28, "large": 40}
+SIZES = {"small": 12, "medium": 18, "large": 24}
 SIZE_NAMES = list(SIZES)
 QUADRANTS = ["topleft", "topright", "bottomleft", "bottomright"]
 KINDS = ["color", "count", "exists", "quadrant", "small"]
-N_CLASSES = 1 + len(COLOR_NAMES) * len(SHAPES)  # 0 = background, 1 + colour*3 + shape
+LABELS = ["color", "shape", "quadrant", "size", "anchor", "owner"]  # rows of patch_labels
 
 # Held-out splits are disjoint seed ranges.
 SPLITS = {
@@ -73,9 +73,23 @@ class Scene:
     noise_std: float = 4.0
 
 
+@dataclass(frozen=True)
+class Question:
+    """A question, its one-word answer, its kind, and the evidence: the objects whose tokens answer it.
+
+    For counting the evidence is each matching object's centre patch (`anchors` True); for a 'no'
+    or a zero count it is empty.
+    """
+    text: str
+    answer: str
+    kind: str
+    evidence: tuple[int, ...] = ()
+    anchors: bool = False
+
+
 @dataclass
 class Sample:
-    """image: PIL RGB 192x192; labels: int64 (4, 24, 24) = class, quadrant, size, anchor (-1 = ignore)."""
+    """image: PIL RGB 192x192; labels: int64 (6, 24, 24), rows named by LABELS (-1 = ignore)."""
     seed: int
     image: Image.Image
     question: str
@@ -83,6 +97,8 @@ class Sample:
     kind: str
     labels: np.ndarray
     scene: Scene = field(repr=False)
+    evidence: tuple[int, ...] = ()
+    anchors: bool = False
 
 
 # ---------------------------------------------------------------- scenes
@@ -153,33 +169,47 @@ def render(scene: Scene) -> tuple[Image.Image, np.ndarray]:
 
 
 def patch_labels(scene: Scene, mask: np.ndarray) -> np.ndarray:
-    """mask (192, 192) -> int64 (4, 24, 24): class (0 bg, 1+colour*3+shape), quadrant, size, anchor.
+    """mask (192, 192) -> int64 (6, 24, 24): colour, shape, quadrant, size, anchor, owner.
 
     A patch belongs to the object covering most of its pixels if that is >= 16 of 64 pixels.
-    Quadrant and size are -1 on background; anchor is 1 on the patch holding an object's centre.
+    colour is 0 on background else 1 + colour index, shape likewise; quadrant and size are -1 on
+    background; anchor is 1 on the patch holding an object's centre; owner is the object index or -1.
     """
     n = len(scene.objects)
     blocks = mask.reshape(GRID, PATCH, GRID, PATCH).transpose(0, 2, 1, 3).reshape(GRID, GRID, PATCH * PATCH)
     counts = np.stack([(blocks == i + 1).sum(-1) for i in range(n)], 0)  # (n, 24, 24)
     best = counts.argmax(0)
     owned = counts.max(0) >= 16
-    out = np.full((4, GRID, GRID), -1, np.int64)
-    out[0] = 0
-    out[3] = 0
+    out = np.full((len(LABELS), GRID, GRID), -1, np.int64)
+    out[[0, 1, 4]] = 0
     for i, o in enumerate(scene.objects):
         sel = owned & (best == i)
-        out[0][sel] = 1 + COLOR_NAMES.index(o.color) * len(SHAPES) + SHAPES.index(o.shape)
-        out[1][sel] = o.quadrant
-        out[2][sel] = SIZE_NAMES.index(o.size)
-        cx, cy = o.center
-        out[3][int(cy) // PATCH, int(cx) // PATCH] = 1
+        out[0][sel] = 1 + COLOR_NAMES.index(o.color)
+        out[1][sel] = 1 + SHAPES.index(o.shape)
+        out[2][sel] = o.quadrant
+        out[3][sel] = SIZE_NAMES.index(o.size)
+        out[5][sel] = i
+        out[4].reshape(-1)[centre_patch(o)] = 1
     return out
+
+
+def centre_patch(o: Obj) -> int:
+    """Flat index (into the 576 patches) of the patch holding the object's centre."""
+    cx, cy = o.center
+    return int(cy) // PATCH * GRID + int(cx) // PATCH
+
+
+def evidence_patches(scene: Scene, labels: np.ndarray, question: Question) -> np.ndarray:
+    """Flat patch indices of the question's evidence: its objects' patches, or their centres for counts."""
+    if question.anchors:
+        return np.array(sorted(centre_patch(scene.objects[i]) for i in question.evidence), np.int64)
+    return np.flatnonzero(np.isin(labels[5].reshape(-1), question.evidence))
 
 
 # ---------------------------------------------------------------- questions
 
-def ask(scene: Scene, kind: str, rng: np.random.Generator) -> tuple[str, str] | None:
-    """One (question, answer) of the given kind for the scene, or None if the kind cannot be asked."""
+def ask(scene: Scene, kind: str, rng: np.random.Generator) -> Question | None:
+    """One question of the given kind for the scene, or None if the kind cannot be asked."""
     objs = scene.objects
     colors = [o.color for o in objs]
     shapes = [o.shape for o in objs]
@@ -188,34 +218,37 @@ def ask(scene: Scene, kind: str, rng: np.random.Generator) -> tuple[str, str] | 
         if not unique:
             return None
         s = unique[int(rng.integers(0, len(unique)))]
-        return f"what color is the {s} ?", colors[shapes.index(s)]
+        i = shapes.index(s)
+        return Question(f"what color is the {s} ?", colors[i], kind, (i,))
     if kind == "count":
         if rng.random() < 0.5:
             c = COLOR_NAMES[int(rng.integers(0, len(COLOR_NAMES)))] if rng.random() < 0.2 else colors[int(rng.integers(0, len(objs)))]
-            return f"how many {c} objects ?", str(colors.count(c))
+            match = tuple(i for i, x in enumerate(colors) if x == c)
+            return Question(f"how many {c} objects ?", str(len(match)), kind, match, anchors=True)
         s = SHAPES[int(rng.integers(0, 3))] if rng.random() < 0.2 else shapes[int(rng.integers(0, len(objs)))]
-        return f"how many {PLURAL[s]} ?", str(shapes.count(s))
+        match = tuple(i for i, x in enumerate(shapes) if x == s)
+        return Question(f"how many {PLURAL[s]} ?", str(len(match)), kind, match, anchors=True)
     if kind == "exists":
         present = {(o.color, o.shape) for o in objs}
         if rng.random() < 0.5:
-            o = objs[int(rng.integers(0, len(objs)))]
-            return f"is there a {o.color} {o.shape} ?", "yes"
+            i = int(rng.integers(0, len(objs)))
+            return Question(f"is there a {colors[i]} {shapes[i]} ?", "yes", kind, (i,))
         adversarial = [(c, s) for c in set(colors) for s in set(shapes) if (c, s) not in present]
         if adversarial and rng.random() < 0.5:
             c, s = sorted(adversarial)[int(rng.integers(0, len(adversarial)))]
         else:
             absent = [(c, s) for c in COLOR_NAMES for s in SHAPES if (c, s) not in present]
             c, s = absent[int(rng.integers(0, len(absent)))]
-        return f"is there a {c} {s} ?", "no"
+        return Question(f"is there a {c} {s} ?", "no", kind)
     if kind == "quadrant":
-        o = objs[int(rng.integers(0, len(objs)))]
-        return f"where is the {o.color} {o.shape} ?", QUADRANTS[o.quadrant]
+        i = int(rng.integers(0, len(objs)))
+        return Question(f"where is the {colors[i]} {shapes[i]} ?", QUADRANTS[objs[i].quadrant], kind, (i,))
     if kind == "small":
-        o = next(o for o in objs if o.size == "small")
+        i = next(i for i, o in enumerate(objs) if o.size == "small")
         if rng.random() < 0.5:
-            return "what color is the smallest object ?", o.color
-        return "what shape is the smallest object ?", o.shape
-    raise ValueError(kind)
+            return Question("what color is the smallest object ?", colors[i], kind, (i,))
+        return Question("what shape is the smallest object ?", shapes[i], kind, (i,))
+    raise ValueError(f"unknown question kind {kind!r}; expected one of {KINDS}")
 
 
 def make_sample(seed: int, kind: str | None = None) -> Sample:
@@ -224,11 +257,11 @@ def make_sample(seed: int, kind: str | None = None) -> Sample:
     kind = kind or KINDS[seed % len(KINDS)]
     while True:
         scene = random_scene(rng)
-        qa = ask(scene, kind, rng)
-        if qa is not None:
+        q = ask(scene, kind, rng)
+        if q is not None:
             break
     img, mask = render(scene)
-    return Sample(seed, img, qa[0], qa[1], kind, patch_labels(scene, mask), scene)
+    return Sample(seed, img, q.text, q.answer, kind, patch_labels(scene, mask), scene, q.evidence, q.anchors)
 
 
 def split_seed(split: str, index: int) -> int:
@@ -243,20 +276,35 @@ def split_samples(split: str, n: int, start: int = 0) -> list[Sample]:
     return [make_sample(split_seed(split, start + i)) for i in range(n)]
 
 
-def training_item(seed: int, n_questions: int = 4) -> tuple[Image.Image, list[tuple[str, str, str]], np.ndarray]:
-    """A training scene with several questions: (image, [(question, answer, kind)], labels (4, 24, 24))."""
+def training_item(seed: int, n_questions: int = 4, kind_weights: dict[str, float] | None = None
+                  ) -> tuple[Image.Image, list[Question], np.ndarray, Scene]:
+    """A training scene with several distinct questions: (image, questions, labels (6, 24, 24), scene).
+
+    Question kinds are drawn uniformly, or in proportion to `kind_weights` (kind -> weight, missing
+    kinds weigh 0).
+    """
     rng = np.random.default_rng(seed)
     scene = random_scene(rng)
-    qas = []
+    questions: list[Question] = []
     for _ in range(50):
-        if len(qas) == n_questions:
+        if len(questions) == n_questions:
             break
-        kind = KINDS[int(rng.integers(0, len(KINDS)))]
-        qa = ask(scene, kind, rng)
-        if qa is not None and all(qa[0] != q for q, _, _ in qas):
-            qas.append((qa[0], qa[1], kind))
+        q = ask(scene, draw_kind(rng, kind_weights), rng)
+        if q is not None and all(q.text != p.text for p in questions):
+            questions.append(q)
     img, mask = render(scene)
-    return img, qas, patch_labels(scene, mask)
+    return img, questions, patch_labels(scene, mask), scene
+
+
+def draw_kind(rng: np.random.Generator, kind_weights: dict[str, float] | None) -> str:
+    """One question kind: uniform over KINDS, or in proportion to kind_weights."""
+    if kind_weights is None:
+        return KINDS[int(rng.integers(0, len(KINDS)))]
+    unknown = set(kind_weights) - set(KINDS)
+    if unknown or sum(kind_weights.values()) <= 0:
+        raise ValueError(f"kind weights {kind_weights} must name kinds among {KINDS} with a positive total")
+    weights = np.array([kind_weights.get(k, 0.0) for k in KINDS], np.float64)
+    return KINDS[int(rng.choice(len(KINDS), p=weights / weights.sum()))]
 
 
 def vocabulary() -> list[str]:

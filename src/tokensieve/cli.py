@@ -1,7 +1,9 @@
 """The `tokensieve` command.
 
-    tokensieve demo [--budgets 192 128 64] [--repeats 9] [--out PATH]
+    tokensieve demo [--budget 64] [--scenes 3] [--out PATH]
     tokensieve calibrate MODEL_DIR --images IMG... [--prompt TEXT] --out SELECTORS [--rank 256] [--steps 200]
+    tokensieve bench speed [--shape llava-1.5-7b] [--budgets 192 128 64] [--json PATH]
+    tokensieve bench accuracy [--budgets 192 128 64 32] [--limit N] [--json PATH]
 """
 from __future__ import annotations
 
@@ -18,8 +20,6 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .demo import DEFAULT_BUDGETS, DEFAULT_OUT
-
     parser = argparse.ArgumentParser(
         prog="tokensieve", description="Visual token compression for Hugging Face vision-language models."
     )
@@ -27,19 +27,19 @@ def build_parser() -> argparse.ArgumentParser:
     commands.required = True
     demo = commands.add_parser(
         "demo",
-        help="ApET on a LLaVA-1.5-shaped model with random weights: kept tokens, token counts, prefill timing",
-        description="Runs the full model and ApET at each budget on a synthetic image, prints a table of visual "
-        "tokens per layer and prefill times (ApET vs full, ApET vs a replay of the same kept tokens), and writes "
-        "a picture of the kept tokens. Random weights: answers are not meaningful. No download, CPU only.",
+        help="the shipped small VLM answers questions uncompressed and with every method at one budget",
+        description="Loads the small VLM the project trained (bench/vlm/checkpoint), asks it questions about new "
+        "synthetic scenes uncompressed and with every method at the budget, prints the answers, the prefill time "
+        "and visual tokens per layer of each, and writes a picture of the tokens each method kept. No download, "
+        "CPU. Needs the repository checkout (bench/ beside src/).",
     )
-    demo.add_argument("--budgets", type=_positive_int, nargs="+", default=list(DEFAULT_BUDGETS),
-                      help="ApET budgets, mean visual tokens per decoder layer (default: %(default)s)")
-    demo.add_argument("--repeats", type=_positive_int, default=9,
-                      help="timed prefills per configuration after a warm-up (default: %(default)s)")
-    demo.add_argument("--out", default=DEFAULT_OUT, help="PNG of the kept tokens (default: %(default)s)")
-    demo.add_argument("--threads", type=_positive_int, default=None,
-                      help="torch CPU threads (default: torch's own choice); 1 gives steadier timings on a busy machine")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
+    demo.add_argument("--budget", type=_positive_int, default=64,
+                      help="mean visual tokens per decoder layer (default: %(default)s)")
+    demo.add_argument("--scenes", type=_positive_int, default=3, help="scenes, two questions each (default: %(default)s)")
+    demo.add_argument("--model", default=None, help="small VLM folder (default: the shipped checkpoint)")
+    demo.add_argument("--out", default="out/demo_kept_tokens.png", help="PNG of the kept tokens (default: %(default)s)")
+    demo.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    demo.add_argument("--seed", type=int, default=0, help="which new scenes (default: %(default)s)")
     demo.set_defaults(run=_run_demo)
     _add_calibrate(commands)
     _add_bench(commands)
@@ -71,6 +71,25 @@ def _add_bench(commands) -> None:
     speed.add_argument("--json", help="write the records here")
     speed.add_argument("--plot", default="out/bench_speed.png", help="PNG of speed-up and overhead (default: %(default)s)")
     speed.set_defaults(run=_run_bench_speed)
+    accuracy = bench.add_parser(
+        "accuracy", help="held-out accuracy of every method at every budget on the shipped small VLM",
+        description="Runs the uncompressed small VLM (trained by the project, bench/vlm/checkpoint) and every method "
+        "at every budget on its held-out synthetic questions; prints accuracy, retention per question kind, mean "
+        "visual tokens per decoder layer and prefill FLOPs, and plots retention against budget and FLOPs. "
+        "Needs the repository checkout (bench/ beside src/).",
+    )
+    accuracy.add_argument("--model", default=None, help="small VLM folder (default: the shipped checkpoint)")
+    accuracy.add_argument("--budgets", type=_positive_int, nargs="+", default=[192, 128, 64, 32])
+    accuracy.add_argument("--methods", nargs="+", default=None, help="(default: every available one)")
+    accuracy.add_argument("--limit", type=_positive_int, default=None,
+                          help="evaluate the first N held-out questions only (default: 1000)")
+    accuracy.add_argument("--split", default="test", help="held-out split (default: %(default)s)")
+    accuracy.add_argument("--batch", type=_positive_int, default=50, help="questions per forward (default: %(default)s)")
+    accuracy.add_argument("--seed", type=int, default=0, help="seed of the Random baseline (default: %(default)s)")
+    accuracy.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    accuracy.add_argument("--json", help="write the records here")
+    accuracy.add_argument("--plot", default="out/bench_accuracy.png", help="PNG of retention (default: %(default)s)")
+    accuracy.set_defaults(run=_run_bench_accuracy)
 
 
 def _cuda() -> bool:
@@ -94,6 +113,40 @@ def _run_bench_speed(args: argparse.Namespace) -> int:
     print(f"wrote {plot(records, args.plot)}")
     if args.json:
         write_json(records, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def repository_module(name: str):
+    """A module of the repository's bench/ folder (outside the library), importable from a checkout."""
+    import importlib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "bench" / "vlm").is_dir():
+        raise ValueError(f"{name} lives in the repository's bench/ folder, which is not beside this installation "
+                         f"({root}); run it from a clone installed with `pip install -e .` (`make demo` does)")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return importlib.import_module(name)
+
+
+def _run_bench_accuracy(args: argparse.Namespace) -> int:
+    import torch
+
+    bench = repository_module("bench.accuracy")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    records, skipped = bench.run_accuracy(args.model or bench.CHECKPOINT, tuple(args.methods or bench.METHOD_NAMES),
+                                          tuple(args.budgets), args.limit, args.split, args.batch, args.seed)
+    print(bench.markdown_table(records))
+    print("\nbudget = mean visual tokens per decoder layer; retention = accuracy / the uncompressed model's (per kind "
+          "in the kind columns, %); prefill MFLOPs per question: vision tower, projector, decoder and selection")
+    for note in skipped:
+        print(f"skipped {note}")
+    print(f"wrote {bench.plot(records, args.plot)}")
+    if args.json:
+        bench.write_json(records, args.json)
         print(f"wrote {args.json}")
     return 0
 
@@ -135,11 +188,10 @@ def _run_calibrate(args: argparse.Namespace) -> int:
 def _run_demo(args: argparse.Namespace) -> int:
     import torch
 
-    from .demo import DemoConfig, run_demo
-
+    demo = repository_module("bench.demo")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    run_demo(budgets=args.budgets, repeats=args.repeats, out=args.out, config=DemoConfig(seed=args.seed))
+    demo.run_demo(args.model or demo.CHECKPOINT, budget=args.budget, scenes=args.scenes, out=args.out, seed=args.seed)
     return 0
 
 

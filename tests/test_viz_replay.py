@@ -1,9 +1,5 @@
-"""The demo, its picture of kept tokens, the Replay method it times against, and the CLI."""
+"""The picture of kept tokens and the Replay method (the speed benchmark's oracle)."""
 from __future__ import annotations
-
-import runpy
-import sys
-from importlib.metadata import entry_points
 
 import numpy as np
 import pytest
@@ -11,8 +7,7 @@ import torch
 from PIL import Image
 
 import tokensieve as ts
-from tokensieve import cli, viz
-from tokensieve.demo import DemoConfig, WordVocab, compact_counts, run_demo, scene_image
+from tokensieve import viz
 from tokensieve.methods.replay import Replay
 from tiny import llava_inputs, tiny_llava
 
@@ -35,7 +30,7 @@ def test_overlay_has_a_panel_per_stage_plus_input(tmp_path):
 
 
 def test_overlay_rows_stack_methods(tmp_path):
-    image = scene_image(56)
+    image = Image.new("RGB", (56, 56), (30, 160, 90))
     rows = [
         ("ApET 32", {"stage1": torch.arange(0, 16, 2), "stage2": torch.tensor([2, 4])}),
         ("other", {"stage1": torch.arange(4)}),
@@ -127,70 +122,3 @@ def test_replay_checks_its_records():
         Replay(kept=(), sizes=(), source=schedule).schedule(8, {})
 
 
-# ---------------------------------------------------------------------------- demo and CLI
-TINY = DemoConfig(image_size=112, patch=14, vision_layers=1, vision_width=32, text_layers=4, text_width=64)
-
-
-def test_demo_runs_end_to_end_and_writes_the_picture(tmp_path):
-    lines: list[str] = []
-    result = run_demo(budgets=(32, 24), repeats=2, out=tmp_path / "kept.png", config=TINY, answer_steps=2,
-                      echo=lines.append)
-    text = "\n".join(lines)
-    assert "RANDOM WEIGHTS" in text and "not meaningful" in text and str(result.path) in text
-    assert Image.open(result.path).size == (panel_pixels(3), round((2 * viz.PANEL_INCHES + 0.4) * DPI))
-    apet = {e.budget: e for e in result.entries if e.name == "ApET"}
-    replay = {e.budget: e for e in result.entries if e.name == "Replay"}
-    assert apet[32].tokens_per_layer == [48, 48, 16, 16] and apet[24].tokens_per_layer == [36, 36, 12, 12]
-    for budget in (32, 24):
-        assert replay[budget].tokens_per_layer == apet[budget].tokens_per_layer
-        assert len(apet[budget].times) == len(replay[budget].times) == 2
-        assert result.overheads[budget] > 0
-    rows = [line.split()[:5] for line in result.table.splitlines()[2:]]
-    assert rows == [
-        ["full", "-", "64", "-", "64.0"], ["ApET", "32", "48", "16", "32.0"], ["ApET", "24", "36", "12", "24.0"],
-    ]
-    assert "64x4" in result.table and "48x2 16x2" in result.table and "36x2 12x2" in result.table
-
-
-def test_demo_checks_budgets_before_building_anything(tmp_path):
-    with pytest.raises(ValueError, match="raise the budget"):
-        run_demo(budgets=(4,), out=tmp_path / "x.png", config=TINY, echo=lambda line: None)
-    assert not (tmp_path / "x.png").exists()
-
-
-def test_word_vocab_expands_the_image_placeholder():
-    vocab = WordVocab()
-    ids = vocab.encode("USER: <image>\nWhat is in the image? ASSISTANT:", 5)
-    assert int((ids == vocab.image_id).sum()) == 5 and ids[0] == vocab.ids["<s>"]
-    assert vocab.decode(ids[-2:].tolist()) == "ASSISTANT :"
-    with pytest.raises(ValueError, match="no word"):
-        vocab.encode("zebra", 1)
-
-
-def test_compact_counts():
-    assert compact_counts([288, 288, 96, 96, 96]) == "288x2 96x3"
-
-
-def test_cli_parses_the_demo_flags(monkeypatch):
-    seen = {}
-    monkeypatch.setattr("tokensieve.demo.run_demo", lambda **kwargs: seen.update(kwargs))
-    assert cli.main(["demo", "--budgets", "128", "64", "--repeats", "3", "--out", "x.png"]) == 0
-    assert seen["budgets"] == [128, 64] and seen["repeats"] == 3 and seen["out"] == "x.png"
-    assert seen["config"] == DemoConfig()
-
-
-def test_cli_reports_a_bad_budget(capsys):
-    assert cli.main(["demo", "--budgets", "4"]) == 2
-    assert "raise the budget" in capsys.readouterr().err
-
-
-def test_cli_runs_as_a_module_and_as_the_console_script(monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["tokensieve", "demo", "--help"])
-    monkeypatch.delitem(sys.modules, "tokensieve.cli")  # as a fresh `python -m` would find it
-    with pytest.raises(SystemExit) as exit_:
-        runpy.run_module("tokensieve.cli", run_name="__main__", alter_sys=True)  # python -m tokensieve.cli
-    assert exit_.value.code == 0
-    out = capsys.readouterr().out
-    assert all(flag in out for flag in ("--budgets", "--repeats", "--out", "--threads"))
-    scripts = {e.name: e.value for e in entry_points(group="console_scripts")}
-    assert scripts["tokensieve"] == "tokensieve.cli:main"
