@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import tokensieve as ts
@@ -44,20 +45,34 @@ class Asked:
     question: S.Question
 
 
+DEMO_KINDS = (("count", "small"), ("exists", "quadrant"), ("count", "color"))  # per scene, in turn
+
+
 def demo_questions(scenes: int, seed: int) -> list[Asked]:
-    """`scenes` new scenes of the test split, two different questions about each."""
+    """`scenes` new scenes of the test split, two questions of different kinds about each.
+
+    The kinds take turns through DEMO_KINDS, so counting and existence, where methods differ most,
+    are always asked; a kind a scene cannot answer (no shape appears once) gives way to the next kind.
+    """
     asked = []
     for i in range(scenes):
-        image, questions, _, _ = S.training_item(S.split_seed("test", FIRST_DEMO_INDEX + 1000 * seed + i), 2)
+        rng = np.random.default_rng(S.split_seed("test", FIRST_DEMO_INDEX + 1000 * seed + i))
+        scene = S.random_scene(rng)
+        image, _ = S.render(scene)
+        wanted = DEMO_KINDS[i % len(DEMO_KINDS)]
+        kinds = list(wanted) + [k for k in S.KINDS if k not in wanted]
+        questions = [q for q in (S.ask(scene, kind, rng) for kind in kinds) if q is not None][:2]
         asked += [Asked(i + 1, image, q) for q in questions]
     return asked
 
 
 @torch.no_grad()
 def answer_with(model, processor, inputs: dict, method, label: str, setting: str) -> Run:
-    """Answers (one word each) of the model compressed by `method` (None: uncompressed), timed."""
+    """Answers (one word each) of the model compressed by `method` (None: uncompressed); the second of
+    two identical prefills is timed (the first warms the method's code paths up)."""
     handle = ts.compress(model, method) if method is not None else None
     try:
+        model(**inputs, logits_to_keep=1)
         start = time.perf_counter()
         ids = model(**inputs, logits_to_keep=1).logits[:, -1].argmax(-1)
         seconds = time.perf_counter() - start
@@ -116,7 +131,6 @@ def run_demo(model_dir: str | Path = CHECKPOINT, budget: int = 64, scenes: int =
     asked = demo_questions(scenes, seed)
     inputs = dict(processor(images=[a.image for a in asked], text=[M.prompt(a.question.text) for a in asked],
                             return_tensors="pt", padding=True))
-    answer_with(model, processor, inputs, None, "warm-up", "")
     runs, skipped = method_runs(model, processor, inputs, budget, methods, selectors)
     echo(f"tokensieve demo: the shipped small VLM ({model_dir}), {len(asked)} questions about {scenes} new scenes, "
          f"each method at a budget of {budget} visual tokens per decoder layer (of 576)\n")
