@@ -21,14 +21,13 @@ from tqdm import tqdm
 import tokensieve as ts
 from bench.vlm import model as M
 from bench.vlm import scenes as S
+from bench.vlm.calibrate import SELECTORS
 from tokensieve.bench.shapes import vit_flops
 from tokensieve.flops import Widths, decoder_layer_flops
 
 CHECKPOINT = Path(__file__).resolve().parent / "vlm" / "checkpoint"
-from bench.vlm.calibrate import SELECTORS
 METHOD_NAMES = ("ApET", "ALVTS", "VisionZip", "DART", "DivPrune", "PDrop", "FastV", "Random")
 BUDGETS = (192, 128, 64, 32)
-DEFAULT_PLOT = "out/bench_accuracy.png"
 
 
 @dataclass

@@ -131,7 +131,7 @@ def test_reduced_features_keep_original_positions(model_type):
     keep = inputs["attention_mask"].bool() & ~visual
     for b in range(2):
         keep[b, visual[b].nonzero().flatten()[kept[b]]] = True
-    got_embeds, got_visual = [], []
+    got_embeds = []
     for b in range(2):
         count = int(keep[b].sum())
         assert int(after["attention_mask"][b].sum()) == count

@@ -5,7 +5,7 @@ projector, Llama decoder (8 layers by default). Everything saves and loads with 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch

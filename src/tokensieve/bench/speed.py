@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 import tokensieve as ts
 
 from ..runtime.compat import CACHE_ARGUMENT
-from .shapes import Built, Shape, build, full_prefill_flops
+from .shapes import build, full_prefill_flops
 
 METHOD_NAMES = ("ApET", "ALVTS", "Random", "DivPrune", "FastV", "PDrop", "DART", "VisionZip")
 
