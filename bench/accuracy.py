@@ -24,6 +24,7 @@ from bench.vlm import scenes as S
 from bench.vlm.calibrate import SELECTORS
 from tokensieve.bench.shapes import vit_flops
 from tokensieve.flops import Widths, decoder_layer_flops
+from tokensieve.viz import agg_figure, save_figure
 
 CHECKPOINT = Path(__file__).resolve().parent / "vlm" / "checkpoint"
 METHOD_NAMES = ("ApET", "ALVTS", "VisionZip", "DART", "DivPrune", "PDrop", "FastV", "Random")
@@ -207,12 +208,8 @@ def markdown_table(records: list[Record]) -> str:
 
 def plot(records: list[Record], path: str | Path) -> Path:
     """Retention (%) against mean visual tokens per layer and against prefill FLOPs, a line per method."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     full = records[0]
-    fig = Figure(figsize=(12, 4.6))
-    FigureCanvasAgg(fig)
+    fig = agg_figure(12, 4.6)
     axes = fig.subplots(1, 2)
     methods = list(dict.fromkeys(r.method for r in records[1:]))
     for name in methods:
@@ -234,11 +231,7 @@ def plot(records: list[Record], path: str | Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, loc="lower right")
     fig.suptitle(f"small VLM, {full.samples} held-out questions: uncompressed accuracy {100 * full.accuracy:.1f}%")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def write_json(records: list[Record], path: str | Path) -> None:

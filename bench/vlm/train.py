@@ -323,6 +323,7 @@ def train_questions(model, processor, args, opt, params, watch, budget) -> int:
     tok = processor.tokenizer
     n_image = model.config.image_seq_length
     total = args.steps_b
+    scene_stage = 3 if args.init_from else 1  # a continued run sees scenes the first run did not
     t0 = last_eval = time.time()
     step = 0
     while True:
@@ -332,7 +333,6 @@ def train_questions(model, processor, args, opt, params, watch, budget) -> int:
         for g in opt.param_groups:
             g["lr"] = lr_at(done, args.lr_b, warmup=100 / max(1, total or 800))
         model.train()
-        scene_stage = 3 if args.init_from else 1  # a continued run sees scenes the first run did not
         b = qa_batch(tok, [item_seed(args.seed, scene_stage, step * args.batch_b + i) for i in range(args.batch_b)],
                      args.questions, n_image, args.kind_weights)
         with autocast(args.bf16):

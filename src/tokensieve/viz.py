@@ -72,6 +72,25 @@ def _draw_panel(ax, picture: np.ndarray, grid: tuple[int, int], keep: np.ndarray
     ax.set_yticks([])
 
 
+def agg_figure(width: float, height: float):
+    """A matplotlib Figure on its own Agg canvas (no pyplot, no global backend change)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height))
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def save_figure(figure, path: str | Path, dpi: int) -> Path:
+    """Lay the figure out tightly and write it as PNG to path (folders are created); returns the path."""
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=dpi)
+    return path
+
+
 def kept_overlay_rows(
     image: Image.Image,
     grid: tuple[int, int],
@@ -91,16 +110,12 @@ def kept_overlay_rows(
     Returns:
         The path written.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     if not rows:
         raise ValueError("kept_overlay_rows needs at least one (label, kept) row")
     picture = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     total = grid[0] * grid[1]
     columns = 1 + max(len(kept) for _, kept in rows)
-    figure = Figure(figsize=(PANEL_INCHES * columns, PANEL_INCHES * len(rows) + 0.4))
-    FigureCanvasAgg(figure)  # this figure alone renders with Agg; pyplot's global backend is untouched
+    figure = agg_figure(PANEL_INCHES * columns, PANEL_INCHES * len(rows) + 0.4)
     axes = figure.subplots(len(rows), columns, squeeze=False)
     for axes_row, (label, kept) in zip(axes, rows):
         _draw_panel(axes_row[0], picture, grid, None, f"input: {total} tokens")
@@ -111,11 +126,7 @@ def kept_overlay_rows(
             ax.axis("off")
     if title:
         figure.suptitle(title, fontsize=12)
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    return path
+    return save_figure(figure, path, dpi=100)
 
 
 def kept_overlay(image: Image.Image, grid: tuple[int, int], kept: dict[str, torch.Tensor], path: str | Path) -> Path:

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 import tokensieve as ts
 
 from ..runtime.compat import CACHE_ARGUMENT
+from ..viz import agg_figure, save_figure
 from .shapes import build, full_prefill_flops
 
 METHOD_NAMES = ("ApET", "ALVTS", "Random", "DivPrune", "FastV", "PDrop", "DART", "VisionZip")
@@ -222,11 +223,7 @@ def markdown_table(records: list[Record]) -> str:
 
 def plot(records: list[Record], path: str | Path) -> Path:
     """Prefill speed-up against budget per method (ideal from FLOPs dashed), and each method's overhead."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(10, 4))
-    FigureCanvasAgg(figure)
+    figure = agg_figure(10, 4)
     speed, cost = figure.subplots(1, 2)
     methods = sorted({r.method for r in records if r.method != "full"})
     for name in methods:
@@ -245,11 +242,7 @@ def plot(records: list[Record], path: str | Path) -> Path:
         ax.invert_xaxis()
         ax.legend()
         ax.grid(alpha=0.3)
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    return path
+    return save_figure(figure, path, dpi=110)
 
 
 def write_json(records: list[Record], path: str | Path) -> None:

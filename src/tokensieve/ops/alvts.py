@@ -24,8 +24,7 @@ def head_mean_attention(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor) -
     causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
     allowed = (causal & valid[:, None, :]) | torch.eye(length, dtype=torch.bool, device=q.device)  # (B, S, S)
     bias = torch.zeros(allowed.shape, dtype=torch.float32, device=q.device).masked_fill_(~allowed, float("-inf"))
-    logits = q @ k.transpose(-1, -2)  # (B, H, S, S)
-    logits = logits + bias[:, None] if logits.requires_grad else logits.add_(bias[:, None])
+    logits = (q @ k.transpose(-1, -2)).add_(bias[:, None])  # (B, H, S, S); matmul's backward needs no output
     return logits.softmax(dim=-1).mean(dim=1) * valid[:, :, None]
 
 
@@ -49,9 +48,9 @@ def visual_token_scores(attention: torch.Tensor, item: torch.Tensor, valid: torc
     visual = (item >= 0) & valid
     rows, queries = visual.nonzero(as_tuple=True)
     groups = item[rows, queries]
-    count = item.max().clamp(min=0) + 1
-    received = attention.new_zeros(int(count), attention.shape[-1]).index_add(0, groups, attention[rows, queries])
-    members = torch.bincount(groups, minlength=int(count)).clamp(min=1)[:, None]  # (G, 1)
+    count = int(item.max().clamp(min=0)) + 1
+    received = attention.new_zeros(count, attention.shape[-1]).index_add(0, groups, attention[rows, queries])
+    members = torch.bincount(groups, minlength=count).clamp(min=1)[:, None]  # (G, 1)
     mean_received = received / members  # (G, S): per item, mean attention each key receives from it
     own = mean_received[item.clamp(min=0), torch.arange(item.shape[1], device=item.device)[None, :]]  # (B, S)
     return torch.where(item >= 0, own * from_text, torch.zeros_like(from_text))
