@@ -168,8 +168,12 @@ def slow_alvts_scores(q, k, item, valid) -> torch.Tensor:
     return out
 
 
-def test_alvts_scores_equal_the_loop_reference():
-    from tokensieve.ops.alvts import head_mean_attention, visual_token_scores
+@pytest.mark.parametrize("rows_per_chunk", [1, 5, 12])
+def test_alvts_scores_equal_the_loop_reference(rows_per_chunk, monkeypatch):
+    from tokensieve.ops import alvts as alvts_ops
+    from tokensieve.ops.alvts import alvts_scores
+
+    monkeypatch.setattr(alvts_ops, "CHUNK_ELEMENTS", rows_per_chunk * 2 * 4 * 12)  # batch x heads x length per row
 
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 4, 12, 8, generator=g), torch.randn(2, 2, 12, 8, generator=g)  # grouped-query keys
@@ -177,6 +181,6 @@ def test_alvts_scores_equal_the_loop_reference():
                          [-1, -1, -1, -1, -1, 2, 2, 2, 2, -1, -1, -1]])  # left padding in row 1
     valid = torch.ones(2, 12, dtype=torch.bool)
     valid[1, :3] = False
-    got = visual_token_scores(head_mean_attention(q, k, valid), item, valid)
+    got = alvts_scores(q, k, item, valid)
     torch.testing.assert_close(got, slow_alvts_scores(q, k, item, valid), rtol=1e-5, atol=1e-7)
     assert (got[item < 0] == 0).all() and (got[item >= 0] > 0).all()

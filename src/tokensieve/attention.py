@@ -36,8 +36,10 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     """Rotary embedding on (B, H, S, d) with cos/sin (B or 1, S, d), in float32."""
     cos, sin = cos[:, None].float(), sin[:, None].float()
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    out = x * cos  # + rotate_half(x) * sin, written into the halves without building rotate_half(x)
+    out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1)
+    out[..., half:].addcmul_(x[..., :half], sin[..., half:])
+    return out
 
 
 def queries_keys(

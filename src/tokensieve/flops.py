@@ -37,14 +37,16 @@ def decoder_layer_flops(w: Widths, rows: int, keys: int | None = None) -> int:
 
 
 def selector_flops(w: Widths, rows: int, rank: int | None, items: int = 1) -> int:
-    """One ALVTS selector over `rows` rows: (low-rank) q/k projections, the S x S logits, and the
-    two received-attention averages per item. rank None is a full-rank (oracle) projection."""
+    """One ALVTS selector over `rows` rows: (low-rank) q/k projections, the causal half of the S x S
+    logits (the chunked score computes keys up to each chunk's last row only), and the
+    received-attention sums per item and for the text. rank None is a full-rank (oracle) projection."""
     if rank is None:
         projections = 2 * rows * w.hidden * (w.heads + w.kv_heads) * w.head_dim
     else:
         projections = 2 * rows * rank * (2 * w.hidden + (w.heads + w.kv_heads) * w.head_dim)
-    logits = 2 * w.heads * rows * rows * w.head_dim
-    received = 2 * (1 + items) * rows * rows
+    pairs = rows * (rows + 1) // 2
+    logits = 2 * w.heads * pairs * w.head_dim
+    received = 2 * (1 + items) * pairs
     return projections + logits + received
 
 

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .attention import queries_keys
-from .ops.alvts import head_mean_attention, visual_token_scores
+from .ops.alvts import alvts_scores
 
 
 @dataclass
@@ -72,7 +72,7 @@ def layer_scores(
     """
     low_rank = None if selector is None else (selector.query, selector.key)
     q, k = queries_keys(layer, hidden, rotary, low_rank=low_rank)
-    return visual_token_scores(head_mean_attention(q, k, valid), item, valid)
+    return alvts_scores(q, k, item, valid)
 
 
 def weight_fingerprint(layers: torch.nn.ModuleList) -> str:
