@@ -4,7 +4,8 @@ The small VLM (bench/vlm, trained by the project) answers one-word questions abo
 each method compresses its 576 visual tokens to a budget (mean visual tokens per decoder layer) and
 the held-out exact-match accuracy is compared with the uncompressed model's (retention), overall and
 per question kind, beside the mean visual tokens each decoder layer processed and the analytic
-prefill FLOPs of the run.
+prefill FLOPs of the run. "GroundTruth" is a reference, not a method: it keeps the patches the
+scene generator knows hold objects, which shows how much any selection of that size can keep.
 
     tokensieve bench accuracy [--methods ...] [--budgets 192 128 64 32] [--limit N] [--json PATH]
 """
@@ -22,12 +23,14 @@ import tokensieve as ts
 from bench.vlm import model as M
 from bench.vlm import scenes as S
 from bench.vlm.calibrate import SELECTORS
+from bench.vlm.ground_truth import GroundTruthObjects, object_first_order
 from tokensieve.bench.shapes import vit_flops
 from tokensieve.flops import Widths, decoder_layer_flops
 from tokensieve.viz import agg_figure, save_figure
 
 CHECKPOINT = Path(__file__).resolve().parent / "vlm" / "checkpoint"
 METHOD_NAMES = ("ApET", "ALVTS", "VisionZip", "DART", "DivPrune", "PDrop", "FastV", "Random")
+BENCH_NAMES = METHOD_NAMES + ("GroundTruth",)  # the methods and the ground-truth reference
 BUDGETS = (192, 128, 64, 32)
 
 
@@ -84,9 +87,13 @@ def depth_scaled_layer(num_layers: int) -> int:
     return max(1, round(2 * num_layers / 32))
 
 
-def candidates(name: str, budget: int, num_layers: int, selectors: Path | None, seed: int) -> list[tuple[object, str]]:
+def candidates(name: str, budget: int, num_layers: int, selectors: Path | None, seed: int,
+               samples: list[S.Sample] = ()) -> list[tuple[object, str]]:
     """The method at this budget, then fallbacks for budgets its schedule cannot reach: (method, setting)."""
     k = depth_scaled_layer(num_layers)
+    if name == "GroundTruth":
+        orders = tuple(object_first_order(s) for s in samples)
+        return [(GroundTruthObjects(budget, orders), "reference: object patches kept before layer 0")]
     if name == "ALVTS":
         return [(ts.ALVTS(budget=budget, selectors=selectors, start_layer=start), f"start_layer={start}"
                  + ("" if selectors else ", SVD selectors"))
@@ -159,16 +166,16 @@ def record(method: str, budget, setting: str, outcome, reference: Record | None)
                   kind_accuracy, kind_retention)
 
 
-def run_accuracy(model_dir: str | Path = CHECKPOINT, methods=METHOD_NAMES, budgets=BUDGETS, limit: int | None = None,
+def run_accuracy(model_dir: str | Path = CHECKPOINT, methods=BENCH_NAMES, budgets=BUDGETS, limit: int | None = None,
                  split: str = "test", batch_size: int = 50, seed: int = 0,
                  progress: bool = True) -> tuple[list[Record], list[str]]:
     """The full model, then every method at every budget on the first `limit` samples of the split.
 
     Returns the records (the first is method "full") and a note per method/budget that could not run.
     """
-    unknown = [m for m in methods if m not in METHOD_NAMES]
+    unknown = [m for m in methods if m not in BENCH_NAMES]
     if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose among {', '.join(METHOD_NAMES)}")
+        raise ValueError(f"unknown methods {unknown}; choose among {', '.join(BENCH_NAMES)}")
     if split not in S.SPLITS:
         raise ValueError(f"unknown split {split!r}; choose among {', '.join(S.SPLITS)}")
     model, processor, selectors = load_checkpoint(model_dir)
@@ -180,7 +187,7 @@ def run_accuracy(model_dir: str | Path = CHECKPOINT, methods=METHOD_NAMES, budge
     jobs = [(m, b) for b in budgets for m in methods]
     for name, budget in tqdm(jobs, desc="bench accuracy", disable=not progress):
         outcome, reasons = None, []
-        for method, setting in candidates(name, budget, layers, selectors, seed):
+        for method, setting in candidates(name, budget, layers, selectors, seed, samples):
             try:
                 outcome = run_method(model, batches, method)
                 break
@@ -215,6 +222,8 @@ def plot(records: list[Record], path: str | Path) -> Path:
     for name in methods:
         runs = sorted((r for r in records if r.method == name), key=lambda r: r.mean_tokens_per_layer)
         style = dict(marker="o", linewidth=2.4 if name in ("ApET", "ALVTS") else 1.2, label=name)
+        if name == "GroundTruth":
+            style.update(color="black", linestyle="--", marker="x", label="ground truth (object patches)")
         axes[0].plot([r.mean_tokens_per_layer for r in runs], [100 * r.retention for r in runs], **style)
         axes[1].plot([r.prefill_flops / 1e9 for r in runs], [100 * r.retention for r in runs], **style)
     for ax, label, x in ((axes[0], "mean visual tokens per decoder layer", full.mean_tokens_per_layer),

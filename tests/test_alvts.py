@@ -205,3 +205,29 @@ def test_calibration_never_leaves_a_selector_worse_than_its_svd_start():
     kept_start = [all(torch.equal(x, y) for x, y in zip(fitted.layers[i].parameters(), initial.layers[i].parameters()))
                   for i in range(1, 4)]
     assert any(kept_start)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_selector_scores_in_that_precision_and_agrees_with_float32(model, batch, dtype):
+    """A half-precision layer's selector projects and multiplies in that precision (as the layer
+    does) and still ranks the visual tokens as the float32 computation of the same inputs does."""
+    import copy
+
+    from tokensieve.attention import queries_keys
+
+    half = copy.deepcopy(model).to(dtype)
+    layers = half.model.language_model.layers
+    selector = svd_selectors("llava", layers, 8).layers[1]
+    b = collect_layer_inputs(model, [batch])[1][0]
+    hidden, rotary = b.hidden.to(dtype), tuple(t.to(dtype) for t in b.rotary)
+    q, k = queries_keys(layers[1], hidden, rotary, low_rank=(selector.query, selector.key), dtype=dtype)
+    assert q.dtype == k.dtype == dtype
+    got = layer_scores(layers[1], hidden, rotary, b.item, b.valid, selector)
+    float32 = copy.deepcopy(layers[1]).float()
+    want = layer_scores(float32, hidden.float(), tuple(t.float() for t in rotary), b.item, b.valid, selector)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    visual = b.item >= 0
+    assert (got[visual] - want[visual]).abs().sum() / want[visual].abs().sum() < 0.05
+    for row in range(visual.shape[0]):
+        top = lambda s: set(s[row][visual[row]].topk(16).indices.tolist())
+        assert len(top(got) & top(want)) >= 12

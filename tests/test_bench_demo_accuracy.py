@@ -63,6 +63,29 @@ def test_accuracy_of_full_and_apet_matches_one_question_at_a_time(saved):
     assert apet.prefill_flops < full.prefill_flops / 2 and skipped == []
 
 
+def test_ground_truth_reference_keeps_object_centres_then_object_patches(saved):
+    from bench.vlm.ground_truth import GroundTruthObjects, object_first_order
+
+    samples = S.split_samples("test", 6)
+    model, processor = M.load(str(saved))
+    inputs = processor(images=[s.image for s in samples], text=[M.prompt(s.question) for s in samples],
+                       return_tensors="pt", padding=True)
+    budget = 20
+    with ts.compress(model, GroundTruthObjects(budget, tuple(object_first_order(s) for s in samples))) as handle:
+        with torch.no_grad():
+            model(**inputs)
+        kept = [set(record["ground_truth"].tolist()) for record in handle.stats.kept]
+    for sample, chosen in zip(samples, kept):
+        owner, anchor = sample.labels[5].reshape(-1), sample.labels[4].reshape(-1)
+        centres = {i for i in range(576) if anchor[i] == 1}
+        objects = {i for i in range(576) if owner[i] >= 0}
+        assert len(chosen) == budget and centres <= chosen  # every scene has fewer than 20 objects
+        assert chosen <= objects | centres or objects | centres <= chosen  # background only once objects are all in
+    with pytest.raises(ValueError, match="fewer images"):
+        with ts.compress(model, GroundTruthObjects(budget, ())):
+            model(**inputs)
+
+
 def test_unreachable_budgets_fall_back_or_are_skipped_with_the_reason(saved):
     records, skipped = A.run_accuracy(saved, methods=("FastV", "DART"), budgets=(32,), limit=5, progress=False)
     fastv = records[1]

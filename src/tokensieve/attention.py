@@ -12,29 +12,31 @@ import torch
 
 
 class Projection(Protocol):
-    def project(self, x: torch.Tensor) -> torch.Tensor: ...
+    def project(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor: ...
 
 
-def project(linear: torch.nn.Linear, x: torch.Tensor, low_rank: Projection | None = None) -> torch.Tensor:
-    """linear(x) in float32, or its low-rank stand-in (the bias is kept): (..., D_in) -> (..., D_out)."""
+def project(linear: torch.nn.Linear, x: torch.Tensor, low_rank: Projection | None = None,
+            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """linear(x), or its low-rank stand-in (the bias is kept), returned in `dtype`: (..., D_in) -> (..., D_out)."""
     if low_rank is None:
-        return linear(x.to(linear.weight.dtype)).float()
-    out = low_rank.project(x)
-    return out + linear.bias.float() if linear.bias is not None else out
+        return linear(x.to(linear.weight.dtype)).to(dtype)
+    out = low_rank.project(x, dtype)
+    return out + linear.bias.to(dtype) if linear.bias is not None else out
 
 
 def split_heads(attn: torch.nn.Module, x: torch.Tensor, norm_name: str) -> torch.Tensor:
     """(B, S, H * d) -> (B, H, S, d), through the model's per-head norm `norm_name` if it has one."""
+    dtype = x.dtype
     x = x.view(*x.shape[:2], -1, attn.head_dim)
     norm = getattr(attn, norm_name, None)
     if norm is not None:
-        x = norm(x.to(norm.weight.dtype)).float()
+        x = norm(x.to(norm.weight.dtype)).to(dtype)
     return x.transpose(1, 2)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding on (B, H, S, d) with cos/sin (B or 1, S, d), in float32."""
-    cos, sin = cos[:, None].float(), sin[:, None].float()
+    """Rotary embedding on (B, H, S, d) with cos/sin (B or 1, S, d), in x's dtype."""
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
     half = x.shape[-1] // 2
     out = x * cos  # + rotate_half(x) * sin, written into the halves without building rotate_half(x)
     out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1)
@@ -48,6 +50,7 @@ def queries_keys(
     rotary: tuple[torch.Tensor, torch.Tensor],
     query_rows: torch.Tensor | None = None,
     low_rank: tuple[Projection, Projection] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotated queries and keys of a decoder layer on its input `hidden` (B, S, D).
 
@@ -55,16 +58,17 @@ def queries_keys(
         rotary: (cos, sin), each (B or 1, S, d), of the rows of `hidden`.
         query_rows: (Q,) row indices whose queries are wanted (None: all rows).
         low_rank: (query, key) low-rank stand-ins for W_Q and W_K (ALVTS selectors), or None.
+        dtype: what the projections return and the rotation computes in.
     Returns:
-        q (B, H, Q, d) and k (B, H_kv, S, d), float32.
+        q (B, H, Q, d) and k (B, H_kv, S, d) in `dtype`.
     """
     attn = layer.self_attn
     normed = layer.input_layernorm(hidden)
     cos, sin = rotary
     queries_in = normed if query_rows is None else normed[:, query_rows]
     q_cos, q_sin = (cos, sin) if query_rows is None else (cos[:, query_rows], sin[:, query_rows])
-    q = split_heads(attn, project(attn.q_proj, queries_in, low_rank and low_rank[0]), "q_norm")
-    k = split_heads(attn, project(attn.k_proj, normed, low_rank and low_rank[1]), "k_norm")
+    q = split_heads(attn, project(attn.q_proj, queries_in, low_rank and low_rank[0], dtype), "q_norm")
+    k = split_heads(attn, project(attn.k_proj, normed, low_rank and low_rank[1], dtype), "k_norm")
     return rotate(q, q_cos, q_sin), rotate(k, cos, sin)
 
 

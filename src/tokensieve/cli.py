@@ -137,7 +137,7 @@ def _run_bench_accuracy(args: argparse.Namespace) -> int:
     bench = repository_module("bench.accuracy")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    records, skipped = bench.run_accuracy(args.model or bench.CHECKPOINT, tuple(args.methods or bench.METHOD_NAMES),
+    records, skipped = bench.run_accuracy(args.model or bench.CHECKPOINT, tuple(args.methods or bench.BENCH_NAMES),
                                           tuple(args.budgets), args.limit, args.split, args.batch, args.seed)
     print(bench.markdown_table(records))
     print("\nbudget = mean visual tokens per decoder layer; retention = accuracy / the uncompressed model's (per kind "

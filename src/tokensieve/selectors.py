@@ -20,6 +20,12 @@ from .attention import queries_keys
 from .ops.alvts import alvts_scores
 
 
+def score_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What a selector projects and multiplies in for activations of `dtype`: the half precision
+    the layer itself computes attention in, else float32 (softmax and sums are always float32)."""
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
 @dataclass
 class LowRank:
     """W ~ a @ b: a (D_out, R), b (R, D_in), float32."""
@@ -35,9 +41,9 @@ class LowRank:
         root = s[:rank].sqrt()
         return LowRank(a=u[:, :rank] * root, b=root[:, None] * vh[:rank])
 
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., D_in) -> (..., D_out) in float32."""
-        return (x.float() @ self.b.T) @ self.a.T
+    def project(self, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """x (..., D_in) -> (..., D_out), computed in `dtype`."""
+        return (x.to(dtype) @ self.b.T.to(dtype)) @ self.a.T.to(dtype)
 
 
 @dataclass
@@ -69,9 +75,14 @@ def layer_scores(
         valid: (B, S) bool, False at padding.
     Returns:
         (B, S) float32 scores, 0 on text rows.
+
+    Precision: queries, keys and logits in the layer's own half precision when `hidden` is float16
+    or bfloat16 (what the layer itself computes attention from; on a GPU this is the difference
+    between tensor-core and float32 matmuls), otherwise float32; the softmax and every sum after it
+    are float32.
     """
     low_rank = None if selector is None else (selector.query, selector.key)
-    q, k = queries_keys(layer, hidden, rotary, low_rank=low_rank)
+    q, k = queries_keys(layer, hidden, rotary, low_rank=low_rank, dtype=score_dtype(hidden.dtype))
     return alvts_scores(q, k, item, valid)
 
 
@@ -115,6 +126,13 @@ class Selectors:
     layers: list[LayerSelector | None]
     identity: dict
     fidelity: list[dict] | None = None
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> "Selectors":
+        """A copy whose factors live on `device` in `dtype` (once per compress, not per layer call)."""
+        moved = [None if s is None else LayerSelector(*(LowRank(p.a.to(device, dtype), p.b.to(device, dtype))
+                                                        for p in (s.query, s.key)))
+                 for s in self.layers]
+        return Selectors(moved, self.identity, self.fidelity)
 
     def check_model(self, identity: dict) -> None:
         """SelectorMismatchError naming every field that differs."""

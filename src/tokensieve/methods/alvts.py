@@ -68,18 +68,21 @@ class ALVTS:
             raise ValueError("selectors must be a tokensieve.Selectors, a path to one, or None")
 
     def resolve_selectors(self, model_type: str, layers: torch.nn.ModuleList):
-        """The Selectors to use on this model (checked against it), loading or building them."""
-        from ..selectors import Selectors, model_identity, svd_selectors
+        """The Selectors to use on this model (checked against it), loading or building them, on the
+        model's device and in the precision the scores are computed in (see `layer_scores`)."""
+        from ..selectors import Selectors, model_identity, score_dtype, svd_selectors
 
         if self.selectors is None:
             rank = self.rank or max(8, layers[0].self_attn.q_proj.in_features // 16)
-            return svd_selectors(model_type, layers, rank, self.start_layer)
-        selectors = Selectors.load(self.selectors) if isinstance(self.selectors, (str, Path)) else self.selectors
-        selectors.check_model(model_identity(model_type, layers))
+            selectors = svd_selectors(model_type, layers, rank, self.start_layer)
+        else:
+            selectors = Selectors.load(self.selectors) if isinstance(self.selectors, (str, Path)) else self.selectors
+            selectors.check_model(model_identity(model_type, layers))
         missing = [i for i in range(self.start_layer, len(layers)) if selectors.layers[i] is None]
         if missing:
             raise ValueError(f"the selectors have no selector for layers {missing}; calibrate from start_layer {self.start_layer}")
-        return selectors
+        weight = layers[0].self_attn.q_proj.weight
+        return selectors.to(weight.device, score_dtype(weight.dtype))
 
     def schedule(self, num_layers: int, family_defaults: dict, selectors=None) -> Schedule:
         if not self.start_layer < num_layers:

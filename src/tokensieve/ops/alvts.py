@@ -28,7 +28,8 @@ def row_weights(item: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, 
 def alvts_scores(q: torch.Tensor, k: torch.Tensor, item: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """S(i) = S_V2V(i) * S_T2V(i) for every visual row i (0 elsewhere), from queries and keys.
 
-    A is the causal softmax attention averaged over heads, in float32. S_V2V(i) is the mean of
+    A is the causal softmax attention averaged over heads: logits in q's dtype, softmax and sums in
+    float32. S_V2V(i) is the mean of
     A(j, i) over the rows j of i's own item (image), S_T2V(i) the mean over the text rows of its
     batch row (under the causal mask only text after the image contributes). The rows are taken in
     chunks: a chunk of rows ending at row r needs only the keys before r (half the logits of the
@@ -45,8 +46,8 @@ def alvts_scores(q: torch.Tensor, k: torch.Tensor, item: torch.Tensor, valid: to
         (B, S) float32 scores.
     """
     batch, heads, length, dim = q.shape
-    q = q.float() * dim ** -0.5
-    k = k.float().repeat_interleave(heads // k.shape[1], dim=1)
+    q = q.contiguous() * dim ** -0.5  # contiguous rows: each chunk's matmul reads them without a copy
+    k = k.to(q.dtype).repeat_interleave(heads // k.shape[1], dim=1).contiguous()
     weights, local = row_weights(item, valid)
     position = torch.arange(length, device=q.device)
     step = max(1, CHUNK_ELEMENTS // (batch * heads * length))
@@ -56,7 +57,7 @@ def alvts_scores(q: torch.Tensor, k: torch.Tensor, item: torch.Tensor, valid: to
         rows, keys = position[start:stop, None], position[None, :stop]
         allowed = (keys <= rows) & (valid[:, None, :stop] | (keys == rows))  # (B, R, stop)
         logits = (q[:, :, start:stop] @ k[:, :, :stop].transpose(-1, -2)).masked_fill_(~allowed[:, None], float("-inf"))
-        attention = logits.softmax(dim=-1).mean(dim=1)  # (B, R, stop)
+        attention = logits.softmax(dim=-1, dtype=torch.float32).mean(dim=1)  # (B, R, stop)
         sums = sums + F.pad(weights[:, :, start:stop] @ attention, (0, length - stop))
     means = sums / weights.sum(-1, keepdim=True).clamp(min=1)
     own = means[:, 1:].gather(1, local.clamp(min=0)[:, None, :]).squeeze(1)  # V2V of each row's own item
