@@ -5,7 +5,8 @@ each method compresses its 576 visual tokens to a budget (mean visual tokens per
 the held-out exact-match accuracy is compared with the uncompressed model's (retention), overall and
 per question kind, beside the mean visual tokens each decoder layer processed and the analytic
 prefill FLOPs of the run. "GroundTruth" is a reference, not a method: it keeps the patches the
-scene generator knows hold objects, which shows how much any selection of that size can keep.
+scene generator knows hold objects, which shows how much a selection that knows where every object
+is keeps ("GroundTruth2": the same in ApET's two-stage shape).
 
     tokensieve bench accuracy [--methods ...] [--budgets 192 128 64 32] [--limit N] [--json PATH]
 """
@@ -30,7 +31,7 @@ from tokensieve.viz import agg_figure, save_figure
 
 CHECKPOINT = Path(__file__).resolve().parent / "vlm" / "checkpoint"
 METHOD_NAMES = ("ApET", "ALVTS", "VisionZip", "DART", "DivPrune", "PDrop", "FastV", "Random")
-BENCH_NAMES = METHOD_NAMES + ("GroundTruth",)  # the methods and the ground-truth reference
+BENCH_NAMES = METHOD_NAMES + ("GroundTruth", "GroundTruth2")  # the methods and the ground-truth references
 BUDGETS = (192, 128, 64, 32)
 
 
@@ -91,9 +92,10 @@ def candidates(name: str, budget: int, num_layers: int, selectors: Path | None, 
                samples: list[S.Sample] = ()) -> list[tuple[object, str]]:
     """The method at this budget, then fallbacks for budgets its schedule cannot reach: (method, setting)."""
     k = depth_scaled_layer(num_layers)
-    if name == "GroundTruth":
-        orders = tuple(object_first_order(s) for s in samples)
-        return [(GroundTruthObjects(budget, orders), "reference: object patches kept before layer 0")]
+    if name.startswith("GroundTruth"):
+        orders, two_stage = tuple(object_first_order(s) for s in samples), name == "GroundTruth2"
+        where = "ApET's two-stage shape" if two_stage else "before layer 0"
+        return [(GroundTruthObjects(budget, orders, two_stage), f"reference: object patches first, {where}")]
     if name == "ALVTS":
         return [(ts.ALVTS(budget=budget, selectors=selectors, start_layer=start), f"start_layer={start}"
                  + ("" if selectors else ", SVD selectors"))
@@ -222,8 +224,9 @@ def plot(records: list[Record], path: str | Path) -> Path:
     for name in methods:
         runs = sorted((r for r in records if r.method == name), key=lambda r: r.mean_tokens_per_layer)
         style = dict(marker="o", linewidth=2.4 if name in ("ApET", "ALVTS") else 1.2, label=name)
-        if name == "GroundTruth":
-            style.update(color="black", linestyle="--", marker="x", label="ground truth (object patches)")
+        if name.startswith("GroundTruth"):
+            style.update(color="black", linestyle="--" if name == "GroundTruth" else ":", marker="x",
+                         label="ground truth (object patches)" + (", ApET's two stages" if name == "GroundTruth2" else ""))
         axes[0].plot([r.mean_tokens_per_layer for r in runs], [100 * r.retention for r in runs], **style)
         axes[1].plot([r.prefill_flops / 1e9 for r in runs], [100 * r.retention for r in runs], **style)
     for ax, label, x in ((axes[0], "mean visual tokens per decoder layer", full.mean_tokens_per_layer),

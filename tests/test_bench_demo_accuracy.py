@@ -84,6 +84,14 @@ def test_ground_truth_reference_keeps_object_centres_then_object_patches(saved):
     with pytest.raises(ValueError, match="fewer images"):
         with ts.compress(model, GroundTruthObjects(budget, ())):
             model(**inputs)
+    orders = tuple(object_first_order(s) for s in samples)
+    with ts.compress(model, GroundTruthObjects(budget, orders, two_stage=True)) as handle:  # 30, then 10 after layer 2
+        with torch.no_grad():
+            model(**inputs)
+        for order, record in zip(orders, handle.stats.kept):
+            assert set(record["ground_truth"].tolist()) == set(order[:30].tolist())
+            assert set(record["ground_truth_stage2"].tolist()) == set(order[:10].tolist())
+        assert float(handle.stats.mean_tokens_per_layer[0]) == pytest.approx(budget)
 
 
 def test_unreachable_budgets_fall_back_or_are_skipped_with_the_reason(saved):

@@ -1,8 +1,9 @@
 """A ground-truth reference for the accuracy benchmark: keep the patches the scene generator knows
-hold objects. Not a method (it reads the answer's labels); it shows how much accuracy any
-selection of that many tokens can keep on the small VLM."""
+hold objects. Not a method (it reads the answer's labels); it shows how much accuracy a selection
+that knows where every object is keeps on the small VLM."""
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +25,11 @@ def object_first_order(sample: S.Sample) -> torch.Tensor:
 
 @dataclass(frozen=True, eq=False)
 class GroundTruthObjects:
-    """Before the first decoder layer, keep `budget` patches of each image in `object_first_order`.
+    """Keep each image's first patches in `object_first_order`, a mean of `budget` per decoder layer.
+
+    One stage (default): `budget` patches before the first decoder layer. `two_stage`: ApET's
+    schedule shape, round(1.5 * budget) before the first layer, then after layer L // 2 the first of
+    those in the same order, as many as make the mean over the L layers `budget`.
 
     One entry of `orders` per image, in the order the images reach the model: each `compress`
     starts again at the first, and every image the runtime reduces takes the next one.
@@ -32,18 +37,40 @@ class GroundTruthObjects:
 
     budget: int
     orders: tuple[torch.Tensor, ...]
+    two_stage: bool = False
 
     def schedule(self, num_layers: int, family_defaults: dict) -> Schedule:
-        cursor = iter(self.orders)
+        cursor, kept_first = iter(self.orders), deque()
+        layer = num_layers // 2
 
-        def plan(ctx, requests):
+        def first_keep(n: int) -> int:
+            return min(n, round(1.5 * self.budget) if self.two_stage else self.budget)
+
+        def second_keep(n: int) -> int:
+            first = first_keep(n)
+            return max(0, min(first, round((self.budget * num_layers - first * layer) / (num_layers - layer))))
+
+        def plan_first(ctx, requests):
             plans = []
             for request in requests:
                 order = next(cursor, None)
                 if order is None or order.numel() != request.positions.numel():
                     raise ValueError("GroundTruthObjects was given fewer images, or images of another size, than it reduces")
-                plans.append(selection_plan(order[:request.keep].sort().values[None]))
+                kept = order[:request.keep].sort().values
+                kept_first.append((order, kept))
+                plans.append(selection_plan(kept[None]))
             return plans
 
-        stage = InnerStage(0, lambda n: min(n, self.budget), plan, name="ground_truth")
-        return Schedule(num_layers, lambda n: n, stages=(stage,))
+        def plan_second(ctx, requests):
+            plans = []
+            for request in requests:
+                order, kept = kept_first.popleft()
+                rank = torch.empty_like(order)
+                rank[order] = torch.arange(order.numel())
+                plans.append(selection_plan(rank[kept].argsort()[:request.keep].sort().values[None]))
+            return plans
+
+        stages = [InnerStage(0, first_keep, plan_first, name="ground_truth")]
+        if self.two_stage:
+            stages.append(InnerStage(layer, second_keep, plan_second, name="ground_truth_stage2"))
+        return Schedule(num_layers, lambda n: n, stages=tuple(stages))
