@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-CHUNK_ELEMENTS = 1 << 21  # float32 logits per row chunk (8 MiB): the chunk's softmax stays in cache
+CHUNK_ELEMENTS = 1 << 21  # logits per row chunk (8 MiB in float32): the chunk's softmax stays in cache
 
 
 def row_weights(item: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,9 +29,9 @@ def alvts_scores(q: torch.Tensor, k: torch.Tensor, item: torch.Tensor, valid: to
     """S(i) = S_V2V(i) * S_T2V(i) for every visual row i (0 elsewhere), from queries and keys.
 
     A is the causal softmax attention averaged over heads: logits in q's dtype, softmax and sums in
-    float32. S_V2V(i) is the mean of
-    A(j, i) over the rows j of i's own item (image), S_T2V(i) the mean over the text rows of its
-    batch row (under the causal mask only text after the image contributes). The rows are taken in
+    float32. S_V2V(i) is the mean of A(j, i) over the rows j of i's own item (image), S_T2V(i) the
+    mean over the text rows of its batch row (under the causal mask only text after the image
+    contributes). The rows are taken in
     chunks: a chunk of rows ending at row r needs only the keys before r (half the logits of the
     full square), each chunk's logits, mask and softmax stay in cache, and the (B, H, S, S) map is
     never held. A query row that may see no key (left padding) is allowed its own position so the
