@@ -119,15 +119,28 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device)
 
 
-def make_method(name: str, budget: int, layers: int):
-    """The method at this budget, or None when this tokensieve has no such method."""
+def make_method(name: str, budget: int, layers: int, selectors=None):
+    """The method at this budget, or None when this tokensieve has no such method.
+
+    ALVTS uses `selectors` when given (the SVD ones built once for every budget: an exact SVD of a
+    4096 x 4096 projection takes seconds on a CPU), else builds its own."""
     cls = getattr(ts, name, None)
     if cls is None:
         return None
     if name == "ALVTS":
         start = 1 if 576 <= budget * layers - (layers - 1) else 0
-        return cls(budget=budget, start_layer=start)
+        return cls(budget=budget, start_layer=start, selectors=selectors)
     return cls(budget=budget)
+
+
+def shared_selectors(model):
+    """SVD selectors on every decoder layer at ALVTS's default rank (hidden width / 16)."""
+    from ..models import family_for
+    from ..selectors import svd_selectors
+
+    layers = family_for(model).parts(model).layers
+    rank = max(8, layers[0].self_attn.q_proj.in_features // 16)
+    return svd_selectors(model.config.model_type, layers, rank, start_layer=0)
 
 
 def oracle_time(model, inputs: dict, handle, device: torch.device, repeats: int) -> float | None:
@@ -178,6 +191,9 @@ def run_speed(shape_name: str = "llava-1.5-7b", budgets=(192, 128, 64), methods=
     """Every method at every budget on one preset shape; the first record is the full model.
 
     Returns the records and a note for each method/budget that cannot run on this shape (skipped)."""
+    unknown = [m for m in methods if m not in METHOD_NAMES]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose among {', '.join(METHOD_NAMES)}")
     torch_dtype = getattr(torch, dtype)
     shape, built = build(shape_name, layers, vision_layers, torch_dtype, attn, resolution)
     target = torch.device(device)
@@ -186,10 +202,8 @@ def run_speed(shape_name: str = "llava-1.5-7b", budgets=(192, 128, 64), methods=
     context = dict(device=target, repeats=repeats, decode_steps=decode_steps, new_tokens=new_tokens, shape=shape_name,
                    dtype=dtype, layers=layers, visual_tokens=built.visual_tokens, vision_flops=built.vision_flops,
                    full_flops=full_prefill_flops(shape, built, layers))
-    jobs = [("full", None, None)] + [(m, b, make_method(m, b, layers)) for b in budgets for m in methods]
-    unknown = [m for m in methods if m not in METHOD_NAMES]
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose among {', '.join(METHOD_NAMES)}")
+    selectors = shared_selectors(built.model) if "ALVTS" in methods else None
+    jobs = [("full", None, None)] + [(m, b, make_method(m, b, layers, selectors)) for b in budgets for m in methods]
     records, skipped = [], []
     for label, budget, method in tqdm(jobs, desc=f"bench speed {shape_name}", disable=not progress):
         if label != "full" and method is None:
