@@ -64,6 +64,7 @@ def layer_scores(
     item: torch.Tensor,
     valid: torch.Tensor,
     selector: LayerSelector | None = None,
+    max_items: int | None = None,
 ) -> torch.Tensor:
     """ALVTS scores of the visual rows of one layer's input; selector None is the full-rank oracle.
 
@@ -73,6 +74,8 @@ def layer_scores(
         rotary: (cos, sin), each (B or 1, S, d): the layer's position embeddings.
         item: (B, S) visual item per row, -1 for text.
         valid: (B, S) bool, False at padding.
+        max_items: the most visual items in one batch row when the caller knows it (None: read
+            from `item`, one device-to-host copy).
     Returns:
         (B, S) float32 scores, 0 on text rows.
 
@@ -83,7 +86,7 @@ def layer_scores(
     """
     low_rank = None if selector is None else (selector.query, selector.key)
     q, k = queries_keys(layer, hidden, rotary, low_rank=low_rank, dtype=score_dtype(hidden.dtype))
-    return alvts_scores(q, k, item, valid)
+    return alvts_scores(q, k, item, valid, max_items)
 
 
 def weight_fingerprint(layers: torch.nn.ModuleList) -> str:

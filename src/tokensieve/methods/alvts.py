@@ -93,8 +93,8 @@ class ALVTS:
         def keep(layer: int, n: int) -> int:
             return layer_counts(n, mean_budget(self.budget, self.ratio, n), num_layers, self.start_layer)[layer]
 
-        def score(index, layer, hidden, rotary, item, valid):
-            return layer_scores(layer, hidden, rotary, item, valid, selectors.layers[index])
+        def score(index, layer, hidden, rotary, item, valid, max_items):
+            return layer_scores(layer, hidden, rotary, item, valid, selectors.layers[index], max_items)
 
         def flops(index: int, widths, rows: int, items: int) -> int:
             query = selectors.layers[index].query

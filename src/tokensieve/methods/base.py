@@ -20,7 +20,8 @@ class Routing:
         start_layer: first routed decoder layer (earlier layers process every token).
         keep: (layer, n) -> visual tokens that layer processes of an item whose budget counts n.
         score: (layer index, layer module, hidden (B, S, D), rotary (cos, sin), item (B, S),
-            valid (B, S)) -> (B, S) scores of the visual rows; the top-`keep` of each item run.
+            valid (B, S), most items in one batch row (int, known on the host)) -> (B, S) scores of
+            the visual rows; the top-`keep` of each item run.
         flops: (layer, Widths, rows scored, items) -> FLOPs of one scoring, or None.
     """
 

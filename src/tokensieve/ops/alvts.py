@@ -7,12 +7,13 @@ import torch.nn.functional as F
 CHUNK_ELEMENTS = 1 << 21  # logits per row chunk (8 MiB in float32): the chunk's softmax stays in cache
 
 
-def row_weights(item: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def row_weights(item: torch.Tensor, valid: torch.Tensor, max_items: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Which rows each score averages over, per batch row.
 
     Args:
         item: (B, S) long: visual item of each row, -1 for text; an item lies in one batch row.
         valid: (B, S) bool: False at padding.
+        max_items: I when the caller knows it (None: read from `item`, one device-to-host copy).
     Returns:
         weights (B, 1 + I, S) float32: group 0 is the row's valid text, group 1 + g its g-th item
         (items numbered from 0 within each batch row, I the most items in one row);
@@ -20,12 +21,13 @@ def row_weights(item: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, 
     """
     first = torch.where(item >= 0, item, item.new_tensor(torch.iinfo(item.dtype).max)).amin(1, keepdim=True)
     local = torch.where(item >= 0, item - first, item.new_tensor(-1))
-    groups = int(local.max()) + 2  # the one host read: how many items one batch row holds
+    groups = 1 + (int(local.max()) + 1 if max_items is None else max_items)
     weights = F.one_hot(local + 1, groups).transpose(1, 2).float() * valid[:, None, :]
     return weights, local
 
 
-def alvts_scores(q: torch.Tensor, k: torch.Tensor, item: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def alvts_scores(q: torch.Tensor, k: torch.Tensor, item: torch.Tensor, valid: torch.Tensor,
+                 max_items: int | None = None) -> torch.Tensor:
     """S(i) = S_V2V(i) * S_T2V(i) for every visual row i (0 elsewhere), from queries and keys.
 
     A is the causal softmax attention averaged over heads: logits in q's dtype, softmax and sums in
@@ -42,13 +44,14 @@ def alvts_scores(q: torch.Tensor, k: torch.Tensor, item: torch.Tensor, valid: to
         k: (B, H_kv, S, d) rotated keys; H must be a multiple of H_kv (grouped-query attention).
         item: (B, S) long: visual item of each row, -1 for text; an item lies in one batch row.
         valid: (B, S) bool: False at padding (never a key, except to itself).
+        max_items: the most items in one batch row, when the caller knows it on the host (no sync).
     Returns:
         (B, S) float32 scores.
     """
     batch, heads, length, dim = q.shape
     q = q.contiguous() * dim ** -0.5  # contiguous rows: each chunk's matmul reads them without a copy
     k = k.to(q.dtype).repeat_interleave(heads // k.shape[1], dim=1).contiguous()
-    weights, local = row_weights(item, valid)
+    weights, local = row_weights(item, valid, max_items)
     position = torch.arange(length, device=q.device)
     step = max(1, CHUNK_ELEMENTS // (batch * heads * length))
     sums = weights.new_zeros(weights.shape)  # (B, 1 + I, S): attention each key receives, summed per group

@@ -341,10 +341,10 @@ class Session:
             return Route(keep, compact_rows(keep, held.selection.length + extra), hidden, held.slots, held.visual_per_row)
         routing = self.schedule.routing
         valid = level.selection.valid & level.mask.bool()
-        scores = routing.score(index, layer, hidden, kwargs["position_embeddings"], level.item, valid)
+        _, rows = level.counts()
+        items_per_row = [self.stats.rows.count(b) for b in range(len(rows))]
+        scores = routing.score(index, layer, hidden, kwargs["position_embeddings"], level.item, valid, max(items_per_row))
         if routing.flops is not None:
-            _, rows = level.counts()
-            items_per_row = [self.stats.rows.count(b) for b in range(len(rows))]
             self.stats.selection_flops += sum(
                 routing.flops(index, self.stats.widths, int(r), n) for r, n in zip(rows, items_per_row))
         choice = top_rows(scores, level, self.sequence.items, index, routing)
