@@ -89,11 +89,13 @@ def depth_scaled_layer(num_layers: int) -> int:
 
 
 def candidates(name: str, budget: int, num_layers: int, selectors: Path | None, seed: int,
-               samples: list[S.Sample] = ()) -> list[tuple[object, str]]:
-    """The method at this budget, then fallbacks for budgets its schedule cannot reach: (method, setting)."""
+               orders: tuple[torch.Tensor, ...] = ()) -> list[tuple[object, str]]:
+    """The method at this budget, then fallbacks for budgets its schedule cannot reach: (method, setting).
+
+    `orders`: each sample's `object_first_order`, for the ground-truth references."""
     k = depth_scaled_layer(num_layers)
     if name.startswith("GroundTruth"):
-        orders, two_stage = tuple(object_first_order(s) for s in samples), name == "GroundTruth2"
+        two_stage = name == "GroundTruth2"
         where = "ApET's two-stage shape" if two_stage else "before layer 0"
         return [(GroundTruthObjects(budget, orders, two_stage), f"reference: object patches first, {where}")]
     if name == "ALVTS":
@@ -184,12 +186,13 @@ def run_accuracy(model_dir: str | Path = CHECKPOINT, methods=BENCH_NAMES, budget
     samples = S.split_samples(split, limit or 1000)
     batches = prepare(processor, samples, batch_size)
     layers = model.config.text_config.num_hidden_layers
+    orders = tuple(object_first_order(s) for s in samples) if any(m.startswith("GroundTruth") for m in methods) else ()
     full = record("full", None, "uncompressed", run_method(model, batches, None), None)
     records, skipped = [full], []
     jobs = [(m, b) for b in budgets for m in methods]
     for name, budget in tqdm(jobs, desc="bench accuracy", disable=not progress):
         outcome, reasons = None, []
-        for method, setting in candidates(name, budget, layers, selectors, seed, samples):
+        for method, setting in candidates(name, budget, layers, selectors, seed, orders):
             try:
                 outcome = run_method(model, batches, method)
                 break

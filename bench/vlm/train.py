@@ -294,9 +294,8 @@ def whiten_projector(model, seeds: list[int], eps: float = 1e-2) -> None:
     vals, vecs = torch.linalg.eigh(cov + eps * cov.diagonal().mean() * torch.eye(len(mu), dtype=cov.dtype))
     whitening = vecs @ torch.diag(vals.rsqrt()) @ vecs.T  # (Dv, Dv), symmetric
     linear = model.model.multi_modal_projector.linear_1
-    weight = linear.weight.double()
-    std = 1.0 / math.sqrt(weight.shape[1])
-    weight = torch.randn(weight.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * std
+    std = 1.0 / math.sqrt(linear.weight.shape[1])
+    weight = torch.randn(linear.weight.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * std
     linear.weight.copy_((weight @ whitening).float())
     linear.bias.copy_((linear.bias.double() - weight @ whitening @ mu).float())
 

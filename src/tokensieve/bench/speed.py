@@ -134,13 +134,11 @@ def make_method(name: str, budget: int, layers: int, selectors=None):
 
 
 def shared_selectors(model):
-    """SVD selectors on every decoder layer at ALVTS's default rank (hidden width / 16)."""
+    """The SVD selectors ALVTS builds by default, on every decoder layer."""
     from ..models import family_for
-    from ..selectors import svd_selectors
 
     layers = family_for(model).parts(model).layers
-    rank = max(8, layers[0].self_attn.q_proj.in_features // 16)
-    return svd_selectors(model.config.model_type, layers, rank, start_layer=0)
+    return ts.ALVTS(ratio=1.0, start_layer=0).resolve_selectors(model.config.model_type, layers)
 
 
 def oracle_time(model, inputs: dict, handle, device: torch.device, repeats: int) -> float | None:

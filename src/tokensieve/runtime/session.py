@@ -342,7 +342,7 @@ class Session:
         routing = self.schedule.routing
         valid = level.selection.valid & level.mask.bool()
         _, rows = level.counts()
-        items_per_row = [self.stats.rows.count(b) for b in range(len(rows))]
+        items_per_row = self.stats.items_per_row(len(rows))
         scores = routing.score(index, layer, hidden, kwargs["position_embeddings"], level.item, valid, max(items_per_row))
         if routing.flops is not None:
             self.stats.selection_flops += sum(

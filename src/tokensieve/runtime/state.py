@@ -1,6 +1,7 @@
 """What the runtime remembers between the vision side, the language model's layers and decoding."""
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -156,6 +157,11 @@ class Stats:
 
     selection_flops: int = 0
     widths: object = None
+
+    def items_per_row(self, batch: int) -> list[int]:
+        """How many visual items each of the `batch` rows holds."""
+        counts = Counter(self.rows)
+        return [counts[row] for row in range(batch)]
 
     @property
     def decoder_flops(self) -> int:
