@@ -108,4 +108,4 @@ class ApET:
         if self.seed is None:
             return None
         generator = torch.Generator().manual_seed(self.seed)
-        return int(torch.randint(x.shape[1], (1,), generator=generator))
+        return torch.randint(x.shape[1], (1,), generator=generator).tolist()[0]  # a host generator: no device read

@@ -34,12 +34,13 @@ class Routing:
 @dataclass(frozen=True)
 class StageRequest:
     """One item (or video frame) a stage must reduce: its rows `positions` (n,) of batch row `row`
-    in the current sequence, to `keep` rows."""
+    in the current sequence, to `keep` rows; `span` numbers the frame among the item's spans."""
 
     item: int
     row: int
     positions: torch.Tensor
     keep: int
+    span: int = 0
 
 
 @dataclass
@@ -79,6 +80,8 @@ class InnerStage:
             request's positions and optional weights (1, k, n) that merge the rows' hidden states.
         name: the key of the kept indices in `handle.stats.kept`.
         reads_previous_layer: the runtime keeps the input of layer - 1 for `StageContext.previous`.
+        reads_last_token: the plan reads the last position's attention, so no row may end in padding
+            (checked once when the prefill enters the language model, before any decoder layer).
         flops: (n, keep, width) -> FLOPs of one request's plan, or None.
     """
 
@@ -88,6 +91,7 @@ class InnerStage:
     name: str = "stage2"
     reads_previous_layer: bool = False
     flops: Callable[[int, int, int], int] | None = None
+    reads_last_token: bool = False
 
 
 def grouped_plans(requests: list[StageRequest], features: Callable[[StageRequest], torch.Tensor],

@@ -70,13 +70,14 @@ def dart_keep(key_norm: torch.Tensor, states: torch.Tensor, image: torch.Tensor,
     pivots = torch.cat([image[image_pivots], text_pivots])
     candidate = torch.ones(image.numel(), dtype=torch.bool, device=image.device)
     candidate[image_pivots] = False
-    chosen = [image_pivots]
-    for pivot, quota in zip(pivots.tolist(), split_evenly(keep - image_pivots.numel(), pivots.numel())):
-        pool = candidate.nonzero().flatten()
-        similarity = F.cosine_similarity(states[pivot][None], states[image[pool]], dim=-1)
+    chosen, left = [image_pivots], image.numel() - image_pivots.numel()  # candidates left, counted on the host
+    for p, quota in enumerate(split_evenly(keep - image_pivots.numel(), pivots.numel())):
+        pool = torch.sort((~candidate).to(torch.uint8), stable=True).indices[:left]  # the candidates, ascending
+        similarity = F.cosine_similarity(states[pivots[p : p + 1]], states[image[pool]], dim=-1)
         picked = pool[similarity.argsort(stable=True)[:quota]]
         candidate[picked] = False
         chosen.append(picked)
+        left -= picked.numel()
     return torch.cat(chosen).sort().values
 
 

@@ -17,16 +17,14 @@ from .base import (
 def last_token_attention(layer: torch.nn.Module, hidden: torch.Tensor, rotary, valid: torch.Tensor) -> torch.Tensor:
     """Attention of each row's last prompt token over its rows at `layer` (softmax per head in
     float32, mean over heads), computed outside the kernel so the model keeps SDPA/FlashAttention.
+    The last position must be the last prompt token: the runtime checks that no row ends in padding
+    before the first decoder layer (`InnerStage.reads_last_token`).
 
     Args:
         hidden: (B, S, D), the layer's input; rotary: its (cos, sin); valid: (B, S) bool.
     Returns:
         (B, S) float32.
-    Raises:
-        ValueError if a row ends in padding (the last position must be the last prompt token).
     """
-    if not bool(valid[:, -1].all()):
-        raise ValueError("the last position of every row must be a prompt token: pad on the left (tokenizer padding_side='left')")
     return last_query_attention(layer, hidden, rotary, valid)
 
 
@@ -109,5 +107,6 @@ class FastV:
             scores = last_token_attention(ctx.layers[k - 1], hidden, rotary, ctx.valid)  # (B, S), once for all
             return [top_scores_plan(scores[r.row, r.positions][None], r.keep) for r in requests]
 
-        stage = InnerStage(k, lambda n: self.kept_after(n, num_layers), plan, name="fastv", reads_previous_layer=True)
+        stage = InnerStage(k, lambda n: self.kept_after(n, num_layers), plan, name="fastv", reads_previous_layer=True,
+                           reads_last_token=True)
         return Schedule(num_layers, lambda n: n, stages=(stage,))

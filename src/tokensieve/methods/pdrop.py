@@ -189,7 +189,7 @@ class PDrop:
             return [top_scores_plan(scores[r.row, r.positions][None], r.keep) for r in requests]
 
         stages = tuple(
-            InnerStage(layer, lambda n, s=s: counts(n)[s], plan, name=f"drop{s + 1}")
+            InnerStage(layer, lambda n, s=s: counts(n)[s], plan, name=f"drop{s + 1}", reads_last_token=True)
             for s, layer in enumerate(layers)
         )
         return Schedule(num_layers, lambda n: n, stages=stages)

@@ -22,7 +22,8 @@ def row_weights(item: torch.Tensor, valid: torch.Tensor, max_items: int | None =
     first = torch.where(item >= 0, item, item.new_tensor(torch.iinfo(item.dtype).max)).amin(1, keepdim=True)
     local = torch.where(item >= 0, item - first, item.new_tensor(-1))
     groups = 1 + (int(local.max()) + 1 if max_items is None else max_items)
-    weights = F.one_hot(local + 1, groups).transpose(1, 2).float() * valid[:, None, :]
+    group = torch.arange(groups, device=item.device)[None, :, None]
+    weights = ((local + 1)[:, None, :] == group).float() * valid[:, None, :]  # one-hot without one_hot's range read
     return weights, local
 
 

@@ -22,6 +22,10 @@ def _start_index(x: torch.Tensor, start: int | torch.Tensor | None) -> torch.Ten
     batch, num_tokens = x.shape[:2]
     if start is None:
         return default_start(x)
+    if isinstance(start, int):  # checked on the host
+        if not 0 <= start < num_tokens:
+            raise ValueError(f"start indices must lie in [0, {num_tokens}), got {start}")
+        return torch.full((batch,), start, dtype=torch.long, device=x.device)
     index = torch.as_tensor(start, dtype=torch.long, device=x.device)
     if index.dim() == 0:
         index = index.expand(batch)

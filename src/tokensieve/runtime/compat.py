@@ -20,7 +20,14 @@ def cache_in(kwargs: dict) -> Any:
     return cache if cache is not None else kwargs.get("past_key_values")
 
 
-def causal_mask(config, hidden, attention_mask, cache, layer_idx: int):
-    """`create_causal_mask` with the cache passed under the installed version's name."""
-    return create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask,
-                              layer_idx=layer_idx, **{CACHE_ARGUMENT: cache})
+def causal_mask(config, hidden, attention_mask, cache, layer_idx: int, padded: bool | None = None):
+    """`create_causal_mask` with the cache passed under the installed version's name.
+
+    padded: whether `attention_mask` has a zero, when the caller knows it on the host. transformers
+    otherwise reads the mask back to decide whether it may leave causal masking to the kernel, a
+    device sync on every call; False passes no mask (the kernel's own causal mask), True builds it.
+    """
+    if padded is False:
+        attention_mask = None
+    return create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask, layer_idx=layer_idx,
+                              allow_is_causal_skip=padded is None, **{CACHE_ARGUMENT: cache})

@@ -19,6 +19,7 @@ class Route:
     full_hidden: torch.Tensor | None = None  # the layer's whole input, until its output is scattered
     slots: list[torch.Tensor] | None = None  # kept slots of each item (None for a held choice)
     visual_per_row: list[int] | None = None
+    padded: bool = True  # whether the compacted rows hold padding (known on the host)
 
 
 @dataclass
@@ -40,7 +41,8 @@ def top_rows(scores: torch.Tensor, level: Level, items: list[VisualItem], layer:
     keep = (level.item < 0) | level.pinned
     pinned, _ = level.fixed_counts()
     visual_per_row, slots = list(pinned), []
-    for (batch_row, positions, pinned_positions), item in zip(level.item_rows(len(items)), items):
+    for rows, item in zip(level.rows, items):
+        batch_row, positions, pinned_positions = rows.batch_row, rows.unpinned, rows.pinned
         k = min(positions.numel(), routing.keep(layer, item.budget_tokens))
         chosen = positions[scores[batch_row, positions].argsort(descending=True, stable=True)[:k]]
         keep[batch_row, chosen] = True
@@ -56,11 +58,17 @@ def extend_keep(keep: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def scatter_back(full: torch.Tensor, output: torch.Tensor, selection: RowSelection) -> torch.Tensor:
-    """Write a layer's output rows (B, S', D) over its full input (B, S, D) at the selected rows."""
-    merged = full.clone()
-    batch = torch.arange(full.shape[0], device=full.device)[:, None].expand_as(selection.gather_index)
-    merged[batch[selection.valid], selection.gather_index[selection.valid]] = output[selection.valid]
-    return merged
+    """Write a layer's output rows (B, S', D) over its full input (B, S, D) at the selected rows.
+
+    Padding slots of the selection write to one spare row past the end, dropped after: no boolean
+    indexing, whose data-dependent shape would make the host wait for the device.
+    """
+    batch, length, width = full.shape
+    rows = torch.arange(batch, device=full.device)[:, None] * length + selection.gather_index  # (B, S') flat row
+    rows = rows.masked_fill(~selection.valid, batch * length)
+    merged = torch.cat([full.reshape(batch * length, width), full.new_empty(1, width)])
+    merged.index_copy_(0, rows.flatten(), output.reshape(-1, width))
+    return merged[: batch * length].view(batch, length, width)
 
 
 def route_selection(keep: torch.Tensor) -> RowSelection:

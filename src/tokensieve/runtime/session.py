@@ -139,6 +139,9 @@ class Session:
             mask = torch.ones(batch, length, dtype=torch.long, device=embeds.device)
         if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
             raise ValueError("tokensieve needs a 2-D attention mask (or None); 4-D or compiled-cache masks are not supported")
+        if any(stage.reads_last_token for stage in self.schedule.stages) and not bool(mask[:, -1].all()):
+            raise ValueError("this method reads the last prompt token's attention, but a row of this batch ends in "
+                             "padding: pad on the left (tokenizer padding_side='left')")
         positions = kwargs.get("position_ids")
         if positions is None:
             positions = torch.arange(length, device=embeds.device)[None].expand(batch, -1)
@@ -149,11 +152,14 @@ class Session:
         out["position_ids"] = selection.gather(positions, -1)
         self.family.gather_language_kwargs(out, selection)
         self.sequence = SequenceState(original_length=length, levels=[level], items=items)
+        batch_rows = self._item_rows(item, len(items))
+        level.counts()  # read back here, once, rather than inside a decoder layer
+        level.locate(items, batch_rows)
         self.stats = Stats(
             tokens_per_layer=torch.zeros(batch, len(self.parts.layers), dtype=torch.long),
             rows_per_layer=torch.zeros(batch, len(self.parts.layers), dtype=torch.long),
             kept=[{"stage1": it.keep.nonzero().flatten()} for it in items],
-            rows=self._item_rows(item, len(items)),
+            rows=batch_rows,
             items=items,
             selection_flops=sum(self.encoding_flops.values()),
             widths=Widths.of(self.parts.text_config),
@@ -304,10 +310,12 @@ class Session:
         return x
 
     def _layer_mask(self, level: Level, hidden: torch.Tensor, cache: Any, prefill: bool):
-        mask = level.mask
-        if not prefill:
-            mask = torch.cat([mask, self.sequence.new_columns.to(mask.dtype)], dim=1)
-        return self._causal_mask(hidden, mask, cache, level.first_layer)
+        """The 4-D mask of a level's layers. At prefill its padding is known on the host; when decoding
+        the caller's new columns are not read back, so the mask is built whether or not it pads."""
+        if prefill:
+            return self._causal_mask(hidden, level.mask, cache, level.first_layer, level.padded())
+        mask = torch.cat([level.mask, self.sequence.new_columns.to(level.mask.dtype)], dim=1)
+        return self._causal_mask(hidden, mask, cache, level.first_layer, padded=True)
 
     # ------------------------------------------------------------------ routing (ALVTS)
     def _route(self, index: int, layer, level: Level, hidden: torch.Tensor, args, kwargs: dict, prefill: bool):
@@ -315,13 +323,14 @@ class Session:
         if not prefill:
             route = self.routes[index]
             mask = torch.cat([route.selection.gather_mask(level.mask), self.sequence.new_columns.to(level.mask.dtype)], 1)
-            return args, {**kwargs, "attention_mask": self._causal_mask(hidden, mask, cache, index)}
+            # the caller's new columns are not read back: the mask is built whether or not it pads
+            return args, {**kwargs, "attention_mask": self._causal_mask(hidden, mask, cache, index, padded=True)}
         route = self._choose_route(index, layer, level, hidden, kwargs)
         self.routes[index] = route
         selection = route.selection
         narrowed = selection.gather(hidden, 1)
         out = dict(kwargs)
-        out["attention_mask"] = self._causal_mask(narrowed, selection.gather_mask(level.mask), cache, index)
+        out["attention_mask"] = self._causal_mask(narrowed, selection.gather_mask(level.mask), cache, index, route.padded)
         out["position_embeddings"] = tuple(selection.gather(t, -2) for t in kwargs["position_embeddings"])
         if kwargs.get("position_ids") is not None:
             out["position_ids"] = selection.gather(kwargs["position_ids"], -1)
@@ -338,7 +347,8 @@ class Session:
         if held is not None and held.keep.shape[1] <= level.length:
             extra = level.length - held.keep.shape[1]
             keep = extend_keep(held.keep, level.length)
-            return Route(keep, compact_rows(keep, held.selection.length + extra), hidden, held.slots, held.visual_per_row)
+            return Route(keep, compact_rows(keep, held.selection.length + extra), hidden, held.slots, held.visual_per_row,
+                         held.padded)
         routing = self.schedule.routing
         valid = level.selection.valid & level.mask.bool()
         _, rows = level.counts()
@@ -346,11 +356,13 @@ class Session:
         scores = routing.score(index, layer, hidden, kwargs["position_embeddings"], level.item, valid, max(items_per_row))
         if routing.flops is not None:
             self.stats.selection_flops += sum(
-                routing.flops(index, self.stats.widths, int(r), n) for r, n in zip(rows, items_per_row))
+                routing.flops(index, self.stats.widths, r, n) for r, n in zip(rows.tolist(), items_per_row))
         choice = top_rows(scores, level, self.sequence.items, index, routing)
         pinned, fixed = level.fixed_counts()
-        length = max(f + v - p for f, v, p in zip(fixed, choice.visual_per_row, pinned))
-        return Route(choice.keep, compact_rows(choice.keep, length), hidden, choice.slots, choice.visual_per_row)
+        lengths = [f + v - p for f, v, p in zip(fixed, choice.visual_per_row, pinned)]  # rows each batch row routes
+        padded = level.padded() or min(lengths) < max(lengths)
+        return Route(choice.keep, compact_rows(choice.keep, max(lengths)), hidden, choice.slots, choice.visual_per_row,
+                     padded)
 
     def _route_post_hook(self, index: int):
         def hook(module, args, kwargs, output):
@@ -363,8 +375,8 @@ class Session:
             return (merged,) + tuple(output[1:]) if isinstance(output, tuple) else merged
         return hook
 
-    def _causal_mask(self, hidden: torch.Tensor, mask: torch.Tensor, cache: Any, layer: int):
-        return causal_mask(self.parts.text_config, hidden, mask, cache, layer)
+    def _causal_mask(self, hidden: torch.Tensor, mask: torch.Tensor, cache: Any, layer: int, padded: bool | None = None):
+        return causal_mask(self.parts.text_config, hidden, mask, cache, layer, padded)
 
     # ------------------------------------------------------------------ inner stages
     def _run_stage(self, stage, index: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
@@ -382,27 +394,25 @@ class Session:
         )
         requests = self._stage_requests(stage, level, state.items)
         plans = stage.plan(context, requests) if requests else []
-        keep, hidden = self._apply_stage_plans(level, hidden, requests, plans)
+        keep, hidden, kept_positions = self._apply_stage_plans(level, hidden, requests, plans)
         if stage.flops is not None:
             self.stats.selection_flops += sum(stage.flops(r.positions.numel(), r.keep, hidden.shape[-1]) for r in requests)
-        selection = compact_rows(keep)
-        next_level = level.narrowed(selection, index)
+        kept_spans = [{} for _ in state.items]
+        for request, kept in zip(requests, kept_positions):
+            kept_spans[request.item][request.span] = kept
+        next_level = level.narrowed(keep, index, kept_spans)
         state.levels.append(next_level)
         state.applied.add(stage.name)
         self._previous_input = None
-        for i, item_kept in enumerate(self.stats.kept):
-            item_kept[stage.name] = next_level.slot[next_level.item == i].sort().values.cpu()
-        return selection.gather(hidden, 1)
+        for rows, item_kept in zip(next_level.rows, self.stats.kept):
+            item_kept[stage.name] = next_level.slot[rows.batch_row, torch.cat([rows.unpinned, rows.pinned])].sort().values
+        return next_level.selection.gather(hidden, 1)
 
     def _stage_requests(self, stage, level: Level, items: list[VisualItem]) -> list[StageRequest]:
         """One request per item segment with more unpinned visual rows than the stage keeps."""
-        reducible = (level.item >= 0) & ~level.pinned
         requests = []
-        for i, item in enumerate(items):
-            for start, length, budget_tokens in item.spans():
-                rows = (level.item == i) & reducible & (level.slot >= start) & (level.slot < start + length)
-                batch_row = int(rows.any(dim=1).nonzero()[0])
-                positions = rows[batch_row].nonzero().flatten()
+        for i, (item, rows) in enumerate(zip(items, level.rows)):
+            for span, ((_, _, budget_tokens), positions) in enumerate(zip(item.spans(), rows.spans)):
                 target = min(positions.numel(), stage.keep(budget_tokens))
                 if target < positions.numel():
                     if target < self.schedule.min_keep:
@@ -410,14 +420,16 @@ class Session:
                             f"{stage.name} would keep {target} of {positions.numel()} visual tokens, below this "
                             f"method's minimum of {self.schedule.min_keep}; raise the budget"
                         )
-                    requests.append(StageRequest(i, batch_row, positions, target))
+                    requests.append(StageRequest(i, rows.batch_row, positions, target, span))
         return requests
 
     @staticmethod
     def _apply_stage_plans(level: Level, hidden: torch.Tensor, requests: list[StageRequest], plans: list):
-        """keep (B, S) bool, and hidden states whose kept rows hold the plans' outputs where they merge."""
+        """keep (B, S) bool, hidden states whose kept rows hold the plans' outputs where they merge, and
+        the positions each request kept."""
         keep = torch.ones(level.item.shape, dtype=torch.bool, device=hidden.device)
         hidden = hidden.clone()
+        kept = []
         for request, plan in zip(requests, plans):
             plan = plan.to(hidden.device)
             kept_positions = request.positions[plan.kept_index[0]]
@@ -425,4 +437,5 @@ class Session:
             keep[request.row, kept_positions] = True
             if plan.weights is not None:
                 hidden[request.row, kept_positions] = plan.apply(hidden[request.row, request.positions][None])[0]
-        return keep, hidden
+            kept.append(kept_positions)
+        return keep, hidden, kept

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .sequence import RowSelection
+from .sequence import RowSelection, compact_rows
 
 
 @dataclass
@@ -43,6 +43,33 @@ class VisualItem:
             self.budget_tokens = self.keep.numel() - pinned
 
 
+@dataclass
+class ItemRows:
+    """Where one visual item's rows lie in a level. Tensor sizes are host metadata, so code that knows
+    these needs no read back from the device.
+
+    Attributes:
+        batch_row: the batch row holding the item.
+        spans: per span of the item (`VisualItem.spans`), the increasing positions of its unpinned rows.
+        pinned: the positions of its pinned rows.
+    """
+
+    batch_row: int
+    spans: list[torch.Tensor]
+    pinned: torch.Tensor
+
+    @property
+    def unpinned(self) -> torch.Tensor:
+        return torch.cat(self.spans)
+
+    def moved(self, new_position: torch.Tensor, kept_spans: dict[int, torch.Tensor]) -> "ItemRows":
+        """The rows in the next level: `new_position` (B, S) maps this level's rows to the next one's,
+        `kept_spans` gives the rows a stage kept of each span it reduced (the others keep all)."""
+        row = new_position[self.batch_row]
+        spans = [row[kept_spans.get(s, p)].sort().values for s, p in enumerate(self.spans)]
+        return ItemRows(self.batch_row, spans, row[self.pinned])
+
+
 @dataclass(eq=False)
 class Level:
     """The sequence seen by decoder layers first_layer.. (until the next level).
@@ -64,8 +91,8 @@ class Level:
     mask: torch.Tensor
     layer_mask: object = None  # 4-D mask (or None) built at first_layer for the current forward
     rotary: tuple | None = None  # (source, gathered) position embeddings of the current forward
+    rows: list[ItemRows] | None = None  # per item, where its rows lie (`locate`, or given by a stage)
     _count: torch.Tensor | None = None
-    _item_rows: list | None = None
 
     @property
     def length(self) -> int:
@@ -80,22 +107,27 @@ class Level:
                                        ((self.item < 0) | self.pinned).sum(1)]).cpu()
         return self._count[0], self._count[1]
 
+    def padded(self) -> bool:
+        """Whether any row here is padding (from `counts`, on the host)."""
+        _, rows = self.counts()
+        return min(rows.tolist()) < self.length
+
     def fixed_counts(self) -> tuple[list[int], list[int]]:
         """Per batch row: pinned visual rows, and rows no selection drops (text, padding, pinned)."""
         self.counts()
         return self._count[2].tolist(), self._count[3].tolist()
 
-    def item_rows(self, count: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-        """Per item of `count`: its batch row, the (n,) positions of its unpinned visual rows and the
-        positions of its pinned ones (computed once per level)."""
-        if self._item_rows is None:
-            self._item_rows = []
-            for i in range(count):
-                rows = self.item == i
-                batch_row = int(rows.any(dim=1).nonzero()[0])
-                own, pinned = rows[batch_row], self.pinned[batch_row]
-                self._item_rows.append((batch_row, (own & ~pinned).nonzero().flatten(), (own & pinned).nonzero().flatten()))
-        return self._item_rows
+    def locate(self, items: list[VisualItem], batch_rows: list[int]) -> list[ItemRows]:
+        """Where each item's rows lie here, read back once (at the prefill's entry, not in a layer)."""
+        if self.rows is None:
+            self.rows = []
+            for i, (item, b) in enumerate(zip(items, batch_rows)):
+                own, slot = self.item[b] == i, self.slot[b]
+                free = own & ~self.pinned[b]
+                spans = [(free & (slot >= start) & (slot < start + length)).nonzero().flatten()
+                         for start, length, _ in item.spans()]
+                self.rows.append(ItemRows(b, spans, (own & self.pinned[b]).nonzero().flatten()))
+        return self.rows
 
     @staticmethod
     def select(selection: RowSelection, item: torch.Tensor, slot: torch.Tensor, pinned: torch.Tensor,
@@ -110,10 +142,22 @@ class Level:
             mask=selection.gather_mask(mask),
         )
 
-    def narrowed(self, selection: RowSelection, first_layer: int) -> "Level":
-        """The next level: these rows of this one."""
+    def narrowed(self, keep: torch.Tensor, first_layer: int, kept_spans: list[dict[int, torch.Tensor]]) -> "Level":
+        """The next level: the `keep` (B, S) rows of this one, where a stage kept `kept_spans[i][s]` of
+        item i's span s. Its counts, length and item rows follow on the host from this level's: nothing
+        is read back from the device."""
+        rows = self.rows
+        dropped = [0] * keep.shape[0]
+        for item_rows, kept in zip(rows, kept_spans):
+            dropped[item_rows.batch_row] += sum(item_rows.spans[s].numel() - k.numel() for s, k in kept.items())
+        selection = compact_rows(keep, self.length - min(dropped))
         level = Level.select(selection, self.item, self.slot, self.pinned, self.mask)
         level.first_layer = first_layer
+        lost = torch.tensor(dropped)
+        self.counts()
+        level._count = self._count - torch.stack([lost, lost, torch.zeros_like(lost), torch.zeros_like(lost)])
+        new_position = keep.cumsum(1) - 1 + (selection.length - keep.sum(1, keepdim=True))  # (B, S) row in the next level
+        level.rows = [r.moved(new_position, kept) for r, kept in zip(rows, kept_spans)]
         return level
 
 

@@ -1,0 +1,85 @@
+"""No method makes the host wait for the device inside a decoder layer.
+
+Reads back (a scalar, a data-dependent shape) are counted on the CPU with `host_reads`, strictly: what
+a GPU run would keep on the host counts too. The padded two-row batch makes every mask non-trivial.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tokensieve as ts
+from host_reads import HostReads, reads_inside
+from tiny import llava_inputs, tiny_llava
+from tokensieve.runtime.compat import CACHE_ARGUMENT
+
+METHODS = {
+    "ApET": ts.ApET(budget=32),
+    "ALVTS": ts.ALVTS(ratio=64 / 576, start_layer=0, rank=8),
+    "FastV": ts.FastV(budget=80),
+    "PDrop": ts.PDrop(budget=80),
+    "DART": ts.DART(budget=80),
+    "VisionZip": ts.VisionZip(budget=32),
+    "DivPrune": ts.DivPrune(budget=32),
+    "Random": ts.Random(budget=32),
+}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llava("sdpa")
+
+
+@pytest.fixture(scope="module")
+def batch(model):
+    return llava_inputs(model, [(5, 7), (2, 3)])
+
+
+def decode_step(batch: dict, out) -> dict:
+    mask = batch["attention_mask"]
+    return {"input_ids": out.logits[:, -1:].argmax(-1), CACHE_ARGUMENT: out.past_key_values,
+            "attention_mask": torch.cat([mask, torch.ones_like(mask[:, :1])], 1)}
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_decoder_layers_read_nothing_back(model, batch, name):
+    """Stages, ALVTS's per-layer selection, masks and scatters queue device work only, at prefill and at
+    a decoding step over the cache. DART alone reads one count per image: the text rows after it, which
+    set how many text pivots it has."""
+    layers = model.model.language_model.layers
+    with ts.compress(model, METHODS[name]), torch.no_grad():
+        with reads_inside(layers) as prefill:
+            out = model(**batch, use_cache=True)
+        with reads_inside(layers) as decode:
+            model(**decode_step(batch, out), use_cache=True)
+    assert dict(decode.sites) == {}
+    if name == "DART":
+        assert sum(prefill.sites.values()) == 2 and all("dart.py" in site for site in prefill.sites)
+    else:
+        assert dict(prefill.sites) == {}
+
+
+def test_the_audit_sees_a_boolean_index_and_a_scalar_read():
+    audit = HostReads()
+    audit.active = True
+    x = torch.arange(6.0)
+    with audit:
+        x[x > 2].sum()
+        int(x.sum())
+        x[torch.tensor([1, 2])] * 2  # an integer index has a known shape: not a read
+    assert sum(audit.sites.values()) == 2
+
+
+def test_last_token_methods_refuse_right_padding_before_any_layer(model, batch):
+    right_padded = {**batch, "attention_mask": batch["attention_mask"].clone()}
+    right_padded["attention_mask"][0, -1] = 0
+    ran = []
+    handles = [layer.register_forward_pre_hook(lambda *_: ran.append(1)) for layer in model.model.language_model.layers]
+    try:
+        for method in (ts.FastV(budget=80), ts.PDrop(budget=80)):
+            with ts.compress(model, method), torch.no_grad(), pytest.raises(ValueError, match="pad on the left"):
+                model(**right_padded)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert ran == []
