@@ -23,16 +23,6 @@ N = 144
 ALVTS_64 = ts.ALVTS(ratio=64 / 576, start_layer=0, rank=8)  # 16 of 144 per layer
 
 
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llava("sdpa")
-
-
-@pytest.fixture(scope="module")
-def batch(model):
-    return llava_inputs(model, [(5, 7), (2, 3)])
-
-
 def reference_routing_logits(model, inputs: dict, selectors, k: int) -> torch.Tensor:
     """One unpadded prompt, routed by hand: before each layer, score with the selector, gather text +
     the top-k visual rows, call the layer with a causal mask over them, scatter its output back."""

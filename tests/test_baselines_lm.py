@@ -25,7 +25,7 @@ from contract import (
     module_snapshot,
 )
 from test_family_llava import row_inputs
-from tiny import IMAGE_TOKEN, llava_inputs, tiny_llava
+from tiny import IMAGE_TOKEN, tiny_llava
 from tiny_llava_next import SIZES, anyres_inputs, tiny_anyres
 from tiny_llava_next import row_inputs as anyres_row
 from tiny_qwen import qwen_inputs, tiny_qwen
@@ -46,18 +46,8 @@ READS_PROMPT = {"fastv", "pdrop"}
 
 
 @pytest.fixture(scope="module")
-def model():
-    return tiny_llava("sdpa")
-
-
-@pytest.fixture(scope="module")
 def eager_model():
     return tiny_llava("eager")
-
-
-@pytest.fixture(scope="module")
-def batch(model):
-    return llava_inputs(model, [(5, 7), (2, 3)])
 
 
 def rows_of(batch: dict) -> list[dict]:

@@ -21,16 +21,6 @@ N = 144
 APET_64 = ts.ApET(ratio=64 / 576, num_basis=4)
 
 
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llava("sdpa")
-
-
-@pytest.fixture(scope="module")
-def batch(model):
-    return llava_inputs(model, [(5, 7), (2, 3)])
-
-
 def hooked(model) -> list[str]:
     return ["model", "model.language_model", "model.multi_modal_projector", "model.language_model.layers.2"]
 

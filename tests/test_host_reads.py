@@ -10,7 +10,6 @@ import torch
 
 import tokensieve as ts
 from host_reads import HostReads, reads_inside
-from tiny import llava_inputs, tiny_llava
 from tokensieve.runtime.compat import CACHE_ARGUMENT
 
 METHODS = {
@@ -23,16 +22,6 @@ METHODS = {
     "DivPrune": ts.DivPrune(budget=32),
     "Random": ts.Random(budget=32),
 }
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llava("sdpa")
-
-
-@pytest.fixture(scope="module")
-def batch(model):
-    return llava_inputs(model, [(5, 7), (2, 3)])
 
 
 def decode_step(batch: dict, out) -> dict:

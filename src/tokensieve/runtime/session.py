@@ -154,7 +154,8 @@ class Session:
         self.sequence = SequenceState(original_length=length, levels=[level], items=items)
         batch_rows = self._item_rows(item, len(items))
         level.counts()  # read back here, once, rather than inside a decoder layer
-        level.locate(items, batch_rows)
+        if self.schedule.stages or self.schedule.routing is not None:
+            level.locate(items, batch_rows)
         self.stats = Stats(
             tokens_per_layer=torch.zeros(batch, len(self.parts.layers), dtype=torch.long),
             rows_per_layer=torch.zeros(batch, len(self.parts.layers), dtype=torch.long),
