@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from tokensieve.bench.speed import make_method
 from tokensieve.cli import main
+from tokensieve.methods.alvts import layer_counts
 
 KEYS = {"method", "budget", "shape", "prefill_s", "oracle_prefill_s", "decode_s_per_token", "peak_memory_bytes",
         "kv_cache_bytes", "prefill_flops"}
@@ -35,3 +39,34 @@ def test_bench_speed_records(tmp_path, capsys):
 def test_bench_speed_rejects_unknown_method(capsys):
     assert main(["bench", "speed", "--shape", "tiny-llava", "--methods", "Magic"]) == 2
     assert "unknown methods" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("visual_tokens", [576, 2880])
+@pytest.mark.parametrize("budget", [64, 128, 192, 320, 640, 960])
+def test_bench_alvts_starts_routing_at_layer_1_whenever_that_budget_allows_it(visual_tokens, budget):
+    """LLaVA-NeXT's 2880 tokens at 640 cannot afford a full layer 0 on 4 layers; 576 at 192 can."""
+    method = make_method("ALVTS", budget, 4, visual_tokens)
+
+    def feasible(start: int) -> bool:
+        try:
+            layer_counts(visual_tokens, budget, 4, start)
+        except ValueError:
+            return False
+        return True
+
+    assert feasible(method.start_layer)
+    assert method.start_layer == (1 if feasible(1) else 0)
+
+
+def test_bench_speed_runs_the_qwen_shape_with_its_windowed_vit_and_mrope(tmp_path):
+    """Prefill, decoding over the cache (M-RoPE positions) and generate, on the Qwen2.5-VL structure."""
+    out = tmp_path / "speed.json"
+    status = main(["bench", "speed", "--shape", "tiny-qwen2.5-vl", "--resolution", "224", "--budgets", "32",
+                   "--methods", "ApET", "ALVTS", "--repeats", "1", "--new-tokens", "2", "--json", str(out),
+                   "--plot", str(tmp_path / "speed.png")])
+    assert status == 0
+    full, *rest = json.loads(out.read_text())
+    assert full["mean_tokens_per_layer"] == 64 and [r["method"] for r in rest] == ["ApET", "ALVTS"]
+    for r in rest:
+        assert abs(r["mean_tokens_per_layer"] - 32) < 1 and r["kv_cache_bytes"] < full["kv_cache_bytes"]
+        assert r["decode_s_per_token"] > 0 and r["end_to_end_s"] > 0

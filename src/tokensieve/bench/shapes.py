@@ -40,6 +40,8 @@ SHAPES = {
                            "LLaVA-NeXT AnyRes: 672x672 image, 5 crops of 576 (2880 tokens before packing)"),
     "tiny-llava": Shape("tiny-llava", 4, 64, 4, 2, 128, 2, 32, 2, 64,
                         "a tiny LLaVA-1.5 structure for tests (576 tokens, small widths)"),
+    "tiny-qwen2.5-vl": Shape("tiny-qwen2.5-vl", 4, 64, 4, 2, 128, 2, 32, 2, 64,
+                             "a tiny Qwen2.5-VL structure for tests (windowed ViT, 2x2 merger, M-RoPE)"),
     "qwen2.5-vl-7b": Shape("qwen2.5-vl-7b", 28, 3584, 28, 4, 18944, 32, 1280, 16, 3420,
                            "Qwen2.5-VL-7B: windowed ViT, 2x2 merger, Qwen2-7B language model"),
 }
@@ -120,6 +122,15 @@ def build_llava_next(shape: Shape, layers: int, vision_layers: int) -> Built:
     return Built(model, inputs, vision_flops + projector, visual)
 
 
+def mrope_sections(head_dim: int) -> list[int]:
+    """Temporal, height and width shares of the rotary frequencies: Qwen2.5-VL's [16, 24, 24] for
+    128-wide heads, in the same proportions for narrower ones."""
+    half = head_dim // 2
+    temporal = half // 4
+    height = (half - temporal) // 2
+    return [temporal, height, half - temporal - height]
+
+
 def build_qwen25(shape: Shape, layers: int, vision_layers: int, resolution: int = 448) -> Built:
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -131,7 +142,8 @@ def build_qwen25(shape: Shape, layers: int, vision_layers: int, resolution: int 
                   temporal_patch_size=2, window_size=112, fullatt_block_indexes=full_blocks, in_channels=3)
     text = dict(vocab_size=VOCAB, hidden_size=shape.hidden, intermediate_size=shape.intermediate, num_hidden_layers=layers,
                 num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads, max_position_embeddings=8192,
-                rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, pad_token_id=PAD, bos_token_id=None,
+                rope_scaling={"type": "mrope", "mrope_section": mrope_sections(shape.hidden // shape.heads)},
+                pad_token_id=PAD, bos_token_id=None,
                 eos_token_id=None, tie_word_embeddings=False)
     config = Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
                               video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)

@@ -83,17 +83,19 @@ def kv_bytes(cache) -> int:
     return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.keys is not None)
 
 
-def decode_per_token(model, prefilled, inputs: dict, steps: int, device: torch.device) -> float:
-    """Median seconds of one greedy decoding step, continuing the cache of `prefilled`."""
-    cache, mask = prefilled.past_key_values, inputs["attention_mask"]
+def decode_per_token(model, prefilled, steps: int, device: torch.device) -> float:
+    """Median seconds of one greedy decoding step, continuing the cache of `prefilled`.
+
+    The prompt is one unpadded row, so the step passes no attention mask (a hand-written Qwen-VL step
+    given the full mask but no position ids fails inside transformers 5.24)."""
+    cache = prefilled.past_key_values
     token = prefilled.logits[:, -1].argmax(-1, keepdim=True)
     times = []
     with torch.no_grad():
         for _ in range(steps):
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             _sync(device)
             start = time.perf_counter()
-            out = model(input_ids=token, attention_mask=mask, use_cache=True, logits_to_keep=1, **{CACHE_ARGUMENT: cache})
+            out = model(input_ids=token, use_cache=True, logits_to_keep=1, **{CACHE_ARGUMENT: cache})
             _sync(device)
             times.append(time.perf_counter() - start)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
@@ -119,16 +121,18 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device)
 
 
-def make_method(name: str, budget: int, layers: int, selectors=None):
+def make_method(name: str, budget: int, layers: int, visual_tokens: int, selectors=None):
     """The method at this budget, or None when this tokensieve has no such method.
 
-    ALVTS uses `selectors` when given (the SVD ones built once for every budget: an exact SVD of a
-    4096 x 4096 projection takes seconds on a CPU), else builds its own."""
+    ALVTS starts routing at layer 1 (the paper's figure) when the other layers can still share the
+    budget after layer 0 processed all `visual_tokens`, else at layer 0. It uses `selectors` when given
+    (the SVD ones built once for every budget: an exact SVD of a 4096 x 4096 projection takes seconds
+    on a CPU), else builds its own."""
     cls = getattr(ts, name, None)
     if cls is None:
         return None
     if name == "ALVTS":
-        start = 1 if 576 <= budget * layers - (layers - 1) else 0
+        start = 1 if visual_tokens <= budget * layers - (layers - 1) else 0
         return cls(budget=budget, start_layer=start, selectors=selectors)
     return cls(budget=budget)
 
@@ -163,7 +167,7 @@ def measure(model, inputs: dict, method, label: str, budget, context: dict) -> R
         seconds, prefilled = timed(lambda: prefill(model, inputs), device, repeats)
         cache_bytes = kv_bytes(prefilled.past_key_values)
         memory = peak_memory(lambda: prefill(model, inputs), device)
-        decode = decode_per_token(model, prefilled, inputs, context["decode_steps"], device)
+        decode = decode_per_token(model, prefilled, context["decode_steps"], device)
         e2e = end_to_end(model, inputs, context["new_tokens"], device)
         stats = handle.stats if handle is not None else None
     finally:
@@ -201,7 +205,8 @@ def run_speed(shape_name: str = "llava-1.5-7b", budgets=(192, 128, 64), methods=
                    dtype=dtype, layers=layers, visual_tokens=built.visual_tokens, vision_flops=built.vision_flops,
                    full_flops=full_prefill_flops(shape, built, layers))
     selectors = shared_selectors(built.model) if "ALVTS" in methods else None
-    jobs = [("full", None, None)] + [(m, b, make_method(m, b, layers, selectors)) for b in budgets for m in methods]
+    jobs = [("full", None, None)]
+    jobs += [(m, b, make_method(m, b, layers, built.visual_tokens, selectors)) for b in budgets for m in methods]
     records, skipped = [], []
     for label, budget, method in tqdm(jobs, desc=f"bench speed {shape_name}", disable=not progress):
         if label != "full" and method is None:
