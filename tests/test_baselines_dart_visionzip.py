@@ -28,7 +28,7 @@ from tiny_llava_next import row_inputs as anyres_row
 from tiny_qwen import qwen_inputs, row, tiny_qwen
 from tokensieve.methods.dart import split_evenly
 from tokensieve.methods.replay import Replay
-from tokensieve.methods.visionzip import contextual_count
+from tokensieve.methods.visionzip import contextual_count, received_attention
 
 N = 144
 DART_T = ts.DART(ratio=0.6)  # mean 86.4 of 144 over 4 layers: all 144 in layers 0-1, then 29
@@ -253,6 +253,15 @@ def test_qwen25_visionzip_dominant_tokens_receive_most_attention(qwen):
     raster = torch.empty_like(window_order)
     raster[window_index] = window_order
     assert handle.stats.kept[0]["stage1"].tolist() == sorted(raster.topk(20).indices.tolist())
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 3 * 4 * 37, 1 << 21])
+def test_received_attention_in_row_chunks_equals_the_whole_map(chunk_elements):
+    """1 row, 3 rows (a last chunk of 1) or all 37 rows at a time: the same column sums."""
+    generator = torch.Generator().manual_seed(0)
+    q, k = torch.randn(4, 37, 8, generator=generator), torch.randn(4, 37, 8, generator=generator)
+    whole = (q @ k.transpose(1, 2) * 0.3).softmax(-1).mean(0).sum(0)
+    assert torch.allclose(received_attention(q, k, 0.3, chunk_elements), whole, atol=1e-5)
 
 
 @pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen3_vl"])

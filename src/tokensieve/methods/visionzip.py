@@ -71,18 +71,20 @@ def merge_weights(n: int, dominant, targets, others, owner) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------- reading the vision layer
-def received_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+def received_attention(q: torch.Tensor, k: torch.Tensor, scale: float, chunk_elements: int = 1 << 21) -> torch.Tensor:
     """Attention each row receives: softmax per head, mean over heads, sum over query rows.
 
-    q, k: (H, s, d) float32 of one attention segment. Returns (s,). Computed in query chunks.
+    q, k: (H, s, d) float32 of one attention segment. Returns (s,). Computed in chunks of query rows
+    of about `chunk_elements` logits (8 MiB at the default), whose softmax stays in cache; the scale
+    is applied to the queries, not to the logits.
     """
     heads, length = q.shape[:2]
-    step = max(1, 2**25 // (heads * length))
+    q, keys_t = q * scale, k.transpose(1, 2)
+    step = max(1, chunk_elements // (heads * length))
     total = q.new_zeros(length)
     for start in range(0, length, step):
-        probabilities = (q[:, start : start + step] @ k.transpose(1, 2) * scale).softmax(dim=-1)
-        total += probabilities.mean(dim=0).sum(dim=0)
-    return total
+        total += (q[:, start : start + step] @ keys_t).softmax(dim=-1).sum(dim=(0, 1))
+    return total / heads
 
 
 def clip_layer_reading(layer: torch.nn.Module, hidden: torch.Tensor, cls: bool) -> tuple[torch.Tensor, torch.Tensor]:
