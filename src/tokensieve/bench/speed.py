@@ -61,17 +61,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, object]:
-    """Median seconds of `repeats` calls after one warm-up, and the last call's result."""
-    result = fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        result = fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+def seconds(fn: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Median seconds of `repeats` calls after one warm-up."""
+    fn()
+    return statistics.median(seconds(fn, device) for _ in range(repeats))
 
 
 def prefill(model, inputs: dict):
@@ -145,26 +146,44 @@ def shared_selectors(model):
     return ts.ALVTS(ratio=1.0, start_layer=0).resolve_selectors(model.config.model_type, layers)
 
 
-def oracle_time(model, inputs: dict, handle, device: torch.device, repeats: int) -> float | None:
-    """Prefill of the same schedule with the selection given for free (None where no replay exists)."""
+def prefill_and_oracle_times(model, inputs: dict, method, handle, device: torch.device,
+                             repeats: int) -> tuple[float, float | None]:
+    """Median prefill seconds of the method and of its oracle (None where no replay exists), timed in
+    alternation so that a machine whose speed drifts (a shared CPU) slows both alike.
+
+    The oracle is the same schedule with the selection given for free: ALVTS's per-layer choice held
+    from the run just before, or a `Replay` of the kept tokens of the other methods.
+    """
+    run = lambda: prefill(model, inputs)  # noqa: E731
+    method_times, oracle_times = [], []
     if handle.schedule.routing is not None:
-        with ts.compress(model, handle.method) as held:
-            prefill(model, inputs)
-            held.hold_selection()
-            return timed(lambda: prefill(model, inputs), device, repeats)[0]
+        with ts.compress(model, method) as routed:
+            run()
+            for _ in range(repeats):
+                routed.hold_selection(False)
+                method_times.append(seconds(run, device))
+                routed.hold_selection(True)
+                oracle_times.append(seconds(run, device))
+        return statistics.median(method_times), statistics.median(oracle_times)
     try:
         replay = ts.Replay.from_handle(handle)
     except ValueError:
-        return None
-    with ts.compress(model, replay):
-        return timed(lambda: prefill(model, inputs), device, repeats)[0]
+        replay = None
+    for _ in range(repeats + 1):  # the first round warms both up
+        with ts.compress(model, method):
+            method_times.append(seconds(run, device))
+        if replay is not None:
+            with ts.compress(model, replay):
+                oracle_times.append(seconds(run, device))
+    oracle = statistics.median(oracle_times[1:]) if replay is not None else None
+    return statistics.median(method_times[1:]), oracle
 
 
 def measure(model, inputs: dict, method, label: str, budget, context: dict) -> Record:
     device, repeats = context["device"], context["repeats"]
     handle = ts.compress(model, method) if method is not None else None
     try:
-        seconds, prefilled = timed(lambda: prefill(model, inputs), device, repeats)
+        prefilled = prefill(model, inputs)  # warms up; the prefill is timed below
         cache_bytes = kv_bytes(prefilled.past_key_values)
         memory = peak_memory(lambda: prefill(model, inputs), device)
         decode = decode_per_token(model, prefilled, context["decode_steps"], device)
@@ -173,7 +192,10 @@ def measure(model, inputs: dict, method, label: str, budget, context: dict) -> R
     finally:
         if handle is not None:
             handle.remove()
-    oracle = oracle_time(model, inputs, handle, device, repeats) if handle is not None else None
+    if handle is None:
+        prefill_s, oracle = timed(lambda: prefill(model, inputs), device, repeats), None
+    else:
+        prefill_s, oracle = prefill_and_oracle_times(model, inputs, method, handle, device, repeats)
     full_flops = context["full_flops"]
     if stats is None:
         flops, selection, mean = full_flops, 0, float(context["visual_tokens"])
@@ -181,7 +203,7 @@ def measure(model, inputs: dict, method, label: str, budget, context: dict) -> R
         selection = stats.selection_flops
         flops = context["vision_flops"] + stats.decoder_flops + selection
         mean = float(stats.mean_tokens_per_layer[0])
-    return Record(label, budget, context["shape"], str(device), context["dtype"], context["layers"], seconds, oracle,
+    return Record(label, budget, context["shape"], str(device), context["dtype"], context["layers"], prefill_s, oracle,
                   decode, e2e, context["new_tokens"], memory, cache_bytes, flops, selection, mean,
                   ideal_speedup=full_flops / max(1, flops - selection))
 
