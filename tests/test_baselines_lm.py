@@ -30,6 +30,7 @@ from tiny_llava_next import SIZES, anyres_inputs, tiny_anyres
 from tiny_llava_next import row_inputs as anyres_row
 from tiny_qwen import qwen_inputs, tiny_qwen
 from tiny_qwen import row as qwen_row
+from tokensieve.methods.fastv import last_token_attention_flops
 from tokensieve.ops.divprune import divprune_select
 
 N = 144
@@ -144,6 +145,19 @@ def test_tokens_per_layer_follow_schedule(model, batch, name):
     for kept in handle.stats.kept:
         for stage in handle.schedule.stages:
             assert kept[stage.name].numel() == per_layer[stage.layer]
+
+
+@pytest.mark.parametrize("name", sorted(READS_PROMPT))
+def test_attention_reading_stages_count_their_flops(model, batch, name):
+    """Each stage reads the last token's attention over every image's rows: counted per image, on the
+    rows the stage reduces (per_layer[layer - 1]), so the selection's share is not reported as zero."""
+    method, per_layer = METHODS[name]
+    with ts.compress(model, method) as handle, torch.no_grad():
+        model(**batch)
+    width = model.config.text_config.hidden_size
+    expected = sum(2 * last_token_attention_flops(per_layer[stage.layer - 1], per_layer[stage.layer], width)
+                   for stage in handle.schedule.stages)
+    assert handle.stats.selection_flops == expected > 0
 
 
 @pytest.mark.parametrize("name", METHODS)

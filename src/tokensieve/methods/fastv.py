@@ -28,6 +28,12 @@ def last_token_attention(layer: torch.nn.Module, hidden: torch.Tensor, rotary, v
     return last_query_attention(layer, hidden, rotary, valid)
 
 
+def last_token_attention_flops(n: int, keep: int, width: int) -> int:
+    """About, per image: the keys of its n rows (2 n D^2, an upper bound under grouped-query
+    attention), the last row's query (2 D^2) and that query's logits over the n rows (2 n D)."""
+    return 2 * n * width * width + 2 * width * width + 2 * n * width
+
+
 @dataclass(frozen=True)
 class FastV:
     """Layers 0..K-1 see every token; before layer K the visual tokens receiving the least attention
@@ -108,5 +114,5 @@ class FastV:
             return [top_scores_plan(scores[r.row, r.positions][None], r.keep) for r in requests]
 
         stage = InnerStage(k, lambda n: self.kept_after(n, num_layers), plan, name="fastv", reads_previous_layer=True,
-                           reads_last_token=True)
+                           reads_last_token=True, flops=last_token_attention_flops)
         return Schedule(num_layers, lambda n: n, stages=(stage,))

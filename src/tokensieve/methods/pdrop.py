@@ -7,7 +7,7 @@ from functools import lru_cache
 from ..ops.plan import ReductionPlan
 from ..ops.topk import top_scores_plan
 from .base import InnerStage, Schedule, StageContext, StageRequest, check_budget, mean_budget
-from .fastv import last_token_attention
+from .fastv import last_token_attention, last_token_attention_flops
 
 STAGES = 3  # drops in the default schedule, as the authors'
 EARLIEST = 2  # the default first drop is no earlier than FastV's layer 2
@@ -189,7 +189,8 @@ class PDrop:
             return [top_scores_plan(scores[r.row, r.positions][None], r.keep) for r in requests]
 
         stages = tuple(
-            InnerStage(layer, lambda n, s=s: counts(n)[s], plan, name=f"drop{s + 1}", reads_last_token=True)
+            InnerStage(layer, lambda n, s=s: counts(n)[s], plan, name=f"drop{s + 1}", reads_last_token=True,
+                       flops=last_token_attention_flops)
             for s, layer in enumerate(layers)
         )
         return Schedule(num_layers, lambda n: n, stages=stages)
