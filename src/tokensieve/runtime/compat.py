@@ -3,6 +3,8 @@
 transformers 5.24 renamed the `past_key_values` argument of models, layers and `create_causal_mask`
 to `cache` (the old name is accepted with a warning until 5.40); 5.23 knows only `past_key_values`.
 Hooks read whichever name the call used; calls we make use the name the installed version expects.
+It is also where masks are built: with the padding known on the host, transformers is not left to
+read it back from the device.
 """
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ from typing import Any
 
 from transformers.masking_utils import create_causal_mask
 
-CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+_MASK_PARAMETERS = inspect.signature(create_causal_mask).parameters
+CACHE_ARGUMENT = "cache" if "cache" in _MASK_PARAMETERS else "past_key_values"
 
 
 def cache_in(kwargs: dict) -> Any:
@@ -29,5 +32,8 @@ def causal_mask(config, hidden, attention_mask, cache, layer_idx: int, padded: b
     """
     if padded is False:
         attention_mask = None
+    extra = {CACHE_ARGUMENT: cache}
+    if "allow_is_causal_skip" in _MASK_PARAMETERS:  # a version without it reads the mask back as before
+        extra["allow_is_causal_skip"] = padded is None
     return create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask, layer_idx=layer_idx,
-                              allow_is_causal_skip=padded is None, **{CACHE_ARGUMENT: cache})
+                              **extra)
