@@ -10,6 +10,8 @@ import torch
 
 import tokensieve as ts
 from host_reads import HostReads, reads_inside
+from tiny_llava_next import SIZES, anyres_inputs, tiny_anyres
+from tiny_qwen import build_inputs, tiny_qwen
 from tokensieve.runtime.compat import CACHE_ARGUMENT
 
 METHODS = {
@@ -46,6 +48,23 @@ def test_decoder_layers_read_nothing_back(model, batch, name):
         assert sum(prefill.sites.values()) == 2 and all("dart.py" in site for site in prefill.sites)
     else:
         assert dict(prefill.sites) == {}
+
+
+def other_family(name: str):
+    if name == "llava_next":  # pinned image newlines, an image split over crops
+        model = tiny_anyres("llava_next")
+        return model, anyres_inputs(model, [(3, 5), (1, 7)], SIZES[:2])
+    model = tiny_qwen("qwen2_5_vl")  # a video: one item reduced frame by frame, M-RoPE positions
+    return model, build_inputs("qwen2_5_vl", [[3, ("video", (3, 16, 16)), 4]])
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl video"])
+@pytest.mark.parametrize("method", [ts.ApET(ratio=0.6), ts.ALVTS(ratio=0.3, start_layer=0, rank=8)], ids=["ApET", "ALVTS"])
+def test_other_families_read_nothing_back_in_their_layers(family, method):
+    model, inputs = other_family(family)
+    with ts.compress(model, method), torch.no_grad(), reads_inside(model.model.language_model.layers) as prefill:
+        model(**inputs)
+    assert dict(prefill.sites) == {}
 
 
 def test_the_audit_sees_a_boolean_index_and_a_scalar_read():

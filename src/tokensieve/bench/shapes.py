@@ -143,8 +143,7 @@ def build_qwen25(shape: Shape, layers: int, vision_layers: int, resolution: int 
     text = dict(vocab_size=VOCAB, hidden_size=shape.hidden, intermediate_size=shape.intermediate, num_hidden_layers=layers,
                 num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads, max_position_embeddings=8192,
                 rope_scaling={"type": "mrope", "mrope_section": mrope_sections(shape.hidden // shape.heads)},
-                pad_token_id=PAD, bos_token_id=None,
-                eos_token_id=None, tie_word_embeddings=False)
+                pad_token_id=PAD, bos_token_id=None, eos_token_id=None, tie_word_embeddings=False)
     config = Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
                               video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
     model = Qwen2_5_VLForConditionalGeneration(config)
