@@ -10,6 +10,7 @@ import tokensieve as ts
 from tokensieve import viz
 from tokensieve.methods.replay import Replay
 from tiny import llava_inputs, tiny_llava
+from tiny_llava_next import SIZES, anyres_inputs, tiny_anyres
 
 DPI = 100
 
@@ -122,3 +123,18 @@ def test_replay_checks_its_records():
         Replay(kept=(), sizes=(), source=schedule).schedule(8, {})
 
 
+
+
+@pytest.mark.parametrize("kind", ["llava_next", "llava_onevision"])
+def test_replay_covers_crops_and_pinned_newlines(kind):
+    """AnyRes images are reduced crop by crop around image newlines that are always kept: the replay
+    asks for the same per-crop plans and keeps the same tokens at every layer."""
+    model = tiny_anyres(kind)
+    inputs = anyres_inputs(model, [(3, 5), (1, 7)], SIZES[:2])
+    apet, _ = run(model, inputs, ts.ApET(ratio=0.5))
+    assert any(item.pinned is not None and bool(item.pinned.any()) for item in apet.stats.items)
+    replay = Replay.from_handle(apet)
+    with torch.no_grad(), ts.compress(model, replay) as handle:
+        for _ in range(2):
+            model(**inputs)
+            assert_same_stats(handle.stats, apet.stats)

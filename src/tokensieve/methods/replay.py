@@ -36,11 +36,15 @@ class Replay:
             (k,) long indices of the item's tokens kept after that stage.
         sizes: tokens of each item before stage 1 (its placeholder count).
         source: the replayed method's schedule on this model (`handle.schedule`).
+        recorded: the plans' kept indices as the method's prefill asked for them (`handle.stats.plans`),
+            or None to derive them from `kept`. Given by `from_handle`, they also cover what `kept`
+            cannot say alone: plans per crop of a LLaVA-NeXT image, around its pinned newlines.
     """
 
     kept: tuple[dict[str, torch.Tensor], ...]
     sizes: tuple[int, ...]
     source: Schedule
+    recorded: tuple[tuple[tuple[str, int, int], torch.Tensor], ...] | None = None
 
     def __post_init__(self) -> None:
         if len(self.kept) != len(self.sizes):
@@ -57,15 +61,14 @@ class Replay:
 
     @classmethod
     def from_handle(cls, handle) -> "Replay":
-        """The replay of the last prefill a `compress` handle ran (one forward, no pinned tokens)."""
+        """The replay of the last prefill a `compress` handle ran (one forward)."""
         stats = handle.stats
         if stats is None:
             raise ValueError("the handle has no stats yet: run a forward pass under it first")
-        if any(item.pinned is not None and bool(item.pinned.any()) for item in stats.items):
-            raise ValueError("Replay does not support items with pinned tokens (e.g. image newlines) yet")
         sizes = tuple(item.keep.numel() for item in stats.items)
         kept = tuple({stage: index.clone() for stage, index in record.items()} for record in stats.kept)
-        return cls(kept=kept, sizes=sizes, source=handle.schedule)
+        recorded = tuple((key, index.detach().cpu().clone()) for key, index in stats.plans)
+        return cls(kept=kept, sizes=sizes, source=handle.schedule, recorded=recorded)
 
     def schedule(self, num_layers: int, family_defaults: dict) -> Schedule:
         if num_layers != self.source.num_layers:
@@ -85,8 +88,12 @@ class Replay:
         Each inner stage sees the survivors of the stage before it, in order: its indices are
         positions among them.
         """
-        names = ["stage1"] + [stage.name for stage in self.source.stages]
         queues: dict[tuple[str, int, int], list[torch.Tensor]] = {}
+        if self.recorded is not None:
+            for key, index in self.recorded:
+                queues.setdefault(key, []).append(index)
+            return queues
+        names = ["stage1"] + [stage.name for stage in self.source.stages]
         for record, n in zip(self.kept, self.sizes):
             previous = torch.arange(n)
             for name in names:

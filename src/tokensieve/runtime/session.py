@@ -42,6 +42,7 @@ class Session:
         self.sequence: SequenceState | None = None
         self.stats: Stats | None = None
         self.encoding_flops: dict[str, int] = {}  # stage-1 selection FLOPs of the last encoding per modality
+        self.encoding_plans: dict[str, list] = {}  # its plans' kept indices: ((stage, n, keep), (keep,)) in call order
         self.routes: dict[int, Route] = {}
         self.hold_routes = False  # reuse the last prefill's routing for longer prefills of the same prompt
         self._previous_input: tuple | None = None  # input of the layer before a stage that reads it
@@ -87,6 +88,7 @@ class Session:
             self.encoding_flops[modality] = self.encoding_flops.get(modality, 0) + self._plan_flops(
                 n, keep, features[members[0]].shape[-1], len(members))
             plan = self.schedule.plan(torch.stack([features[i] for i in members]), keep, "stage1")
+            self.encoding_plans.setdefault(modality, []).extend((("stage1", n, keep), row) for row in plan.kept_index)
             for j, i in enumerate(members):
                 plans[i] = ReductionPlan(
                     plan.kept_index[j : j + 1], None if plan.weights is None else plan.weights[j : j + 1]
@@ -97,6 +99,7 @@ class Session:
         """A new encoding of this modality starts: forget the items of the previous one."""
         self.items[modality] = []
         self.encoding_flops[modality] = 0
+        self.encoding_plans[modality] = []
 
     def _plan_flops(self, n: int, keep: int, width: int, count: int) -> int:
         """FLOPs of `count` plans reducing n tokens of this width to keep (0 if the method says nothing)."""
@@ -163,6 +166,7 @@ class Session:
             rows=batch_rows,
             items=items,
             selection_flops=sum(self.encoding_flops.values()),
+            plans=[entry for entries in self.encoding_plans.values() for entry in entries],
             widths=Widths.of(self.parts.text_config),
         )
         return out
@@ -396,6 +400,7 @@ class Session:
         requests = self._stage_requests(stage, level, state.items)
         plans = stage.plan(context, requests) if requests else []
         keep, hidden, kept_positions = self._apply_stage_plans(level, hidden, requests, plans)
+        self.stats.plans += [((stage.name, r.positions.numel(), r.keep), p.kept_index[0]) for r, p in zip(requests, plans)]
         if stage.flops is not None:
             self.stats.selection_flops += sum(stage.flops(r.positions.numel(), r.keep, hidden.shape[-1]) for r in requests)
         kept_spans = [{} for _ in state.items]

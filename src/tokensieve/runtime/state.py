@@ -190,6 +190,8 @@ class Stats:
         items: the VisualItem records (modality, grid, ...).
         selection_flops: FLOPs the method itself spent choosing (stage-1 plans of the last
             encoding, stage-2 plans, per-layer selectors).
+        plans: the kept indices of every plan the prefill asked for, in call order, each with its
+            (stage, input size, kept count): what `Replay.from_handle` replays.
         widths: the language model's widths, for `decoder_flops`.
     """
 
@@ -201,6 +203,7 @@ class Stats:
 
     selection_flops: int = 0
     widths: object = None
+    plans: list[tuple[tuple[str, int, int], torch.Tensor]] = field(default_factory=list)
 
     def items_per_row(self, batch: int) -> list[int]:
         """How many visual items each of the `batch` rows holds."""
