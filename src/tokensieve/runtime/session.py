@@ -135,7 +135,7 @@ class Session:
         layout = self._visual_layout(batch, length, embeds.device)
         if layout is None:
             return kwargs
-        keep, item, slot, pinned, items = layout
+        keep, item, slot, pinned, items, batch_rows = layout
         selection = compact_rows(keep)
         mask = kwargs.get("attention_mask")
         if mask is None:
@@ -155,7 +155,6 @@ class Session:
         out["position_ids"] = selection.gather(positions, -1)
         self.family.gather_language_kwargs(out, selection)
         self.sequence = SequenceState(original_length=length, levels=[level], items=items)
-        batch_rows = self._item_rows(item, len(items))
         level.counts()  # read back here, once, rather than inside a decoder layer
         if self.schedule.stages or self.schedule.routing is not None:
             level.locate(items, batch_rows)
@@ -174,7 +173,7 @@ class Session:
     def _visual_layout(self, batch: int, length: int, device: torch.device):
         """Per-row visual bookkeeping of the input sequence, or None when there is nothing visual.
 
-        Returns keep, item, slot, pinned (each (B, S)) and the items in sequence order.
+        Returns keep, item, slot, pinned (each (B, S)), the items in sequence order and the batch row of each.
         """
         if self.visual_positions is None:
             return None
@@ -211,27 +210,23 @@ class Session:
         if not found:
             return None
         visual = item >= 0
-        order = self._sequence_order(item, len(items))
-        items = [items[i] for i in order]
+        first = self._first_positions(item, len(items))
+        order = sorted(range(len(items)), key=first.__getitem__)  # items in sequence order (row-major)
+        items, batch_rows = [items[i] for i in order], [first[i] // length for i in order]
         remap = torch.empty(len(order), dtype=torch.long, device=device)
         remap[torch.tensor(order, device=device)] = torch.arange(len(order), device=device)
         item = torch.where(visual, remap[item.clamp(min=0)], item)
-        return keep, item, slot, pinned, items
+        return keep, item, slot, pinned, items, batch_rows
 
     @staticmethod
     def _pinned(item: VisualItem) -> torch.Tensor:
         return item.pinned if item.pinned is not None else torch.zeros_like(item.keep)
 
     @staticmethod
-    def _sequence_order(item: torch.Tensor, count: int) -> list[int]:
-        """Item ids sorted by where each first appears in the batch (row-major)."""
+    def _first_positions(item: torch.Tensor, count: int) -> list[int]:
+        """Where each item id first appears in the (B, S) batch, as a row-major flat index."""
         flat = item.flatten()
-        first = [int((flat == i).nonzero()[0]) for i in range(count)]
-        return sorted(range(count), key=first.__getitem__)
-
-    @staticmethod
-    def _item_rows(item: torch.Tensor, count: int) -> list[int]:
-        return [int((item == i).any(dim=1).nonzero()[0]) for i in range(count)]
+        return [int((flat == i).nonzero()[0]) for i in range(count)]
 
     def _decode_entry(self, kwargs: dict, cache: Any) -> dict:
         state = self.sequence
@@ -315,21 +310,24 @@ class Session:
         return x
 
     def _layer_mask(self, level: Level, hidden: torch.Tensor, cache: Any, prefill: bool):
-        """The 4-D mask of a level's layers. At prefill its padding is known on the host; when decoding
-        the caller's new columns are not read back, so the mask is built whether or not it pads."""
+        """The 4-D mask of a level's layers; at prefill its padding is known on the host."""
         if prefill:
             return self._causal_mask(hidden, level.mask, cache, level.first_layer, level.padded())
-        mask = torch.cat([level.mask, self.sequence.new_columns.to(level.mask.dtype)], dim=1)
-        return self._causal_mask(hidden, mask, cache, level.first_layer, padded=True)
+        return self._decode_mask(hidden, level.mask, cache, level.first_layer)
+
+    def _decode_mask(self, hidden: torch.Tensor, prompt_mask: torch.Tensor, cache: Any, layer: int):
+        """The 4-D mask of a decoding step over these prompt columns (B, S_l) and the new ones. The
+        caller's new columns are not read back, so the mask is built whether or not it pads."""
+        mask = torch.cat([prompt_mask, self.sequence.new_columns.to(prompt_mask.dtype)], dim=1)
+        return self._causal_mask(hidden, mask, cache, layer, padded=True)
 
     # ------------------------------------------------------------------ routing (ALVTS)
     def _route(self, index: int, layer, level: Level, hidden: torch.Tensor, args, kwargs: dict, prefill: bool):
         cache = cache_in(kwargs)
         if not prefill:
             route = self.routes[index]
-            mask = torch.cat([route.selection.gather_mask(level.mask), self.sequence.new_columns.to(level.mask.dtype)], 1)
-            # the caller's new columns are not read back: the mask is built whether or not it pads
-            return args, {**kwargs, "attention_mask": self._causal_mask(hidden, mask, cache, index, padded=True)}
+            mask = self._decode_mask(hidden, route.selection.gather_mask(level.mask), cache, index)
+            return args, {**kwargs, "attention_mask": mask}
         route = self._choose_route(index, layer, level, hidden, kwargs)
         self.routes[index] = route
         selection = route.selection
