@@ -17,7 +17,7 @@ $(STAMP): $(PY) pyproject.toml constraints.txt
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2
 
 demo: $(STAMP)
 	$(PY) -m tokensieve.cli demo

@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 import tokensieve as ts
+from tokensieve import registry
 from bench.vlm import model as M
 from bench.vlm import scenes as S
 from bench.vlm.calibrate import SELECTORS
@@ -30,7 +31,7 @@ from tokensieve.flops import Widths, decoder_layer_flops
 from tokensieve.viz import agg_figure, save_figure
 
 CHECKPOINT = Path(__file__).resolve().parent / "vlm" / "checkpoint"
-METHOD_NAMES = ("ApET", "ALVTS", "VisionZip", "DART", "DivPrune", "PDrop", "FastV", "Random")
+METHOD_NAMES = registry.method_names()
 BENCH_NAMES = METHOD_NAMES + ("GroundTruth", "GroundTruth2")  # the methods and the ground-truth references
 BUDGETS = (192, 128, 64, 32)
 
@@ -88,6 +89,14 @@ def depth_scaled_layer(num_layers: int) -> int:
     return max(1, round(2 * num_layers / 32))
 
 
+def bench_name(name: str) -> str:
+    """A method or reference name in any case -> the benchmark's spelling; ValueError naming them all."""
+    for known in BENCH_NAMES:
+        if known.lower() == str(name).lower():
+            return known
+    raise ValueError(f"unknown method {name!r}; choose among {', '.join(BENCH_NAMES)}")
+
+
 def candidates(name: str, budget: int, num_layers: int, selectors: Path | None, seed: int,
                orders: tuple[torch.Tensor, ...] = ()) -> list[tuple[object, str]]:
     """The method at this budget, then fallbacks for budgets its schedule cannot reach: (method, setting).
@@ -109,7 +118,7 @@ def candidates(name: str, budget: int, num_layers: int, selectors: Path | None, 
         return [(ts.DART(budget=budget, layer=k), f"layer={k}")]
     if name == "Random":
         return [(ts.Random(budget=budget, seed=seed), f"seed={seed}")]
-    return [(getattr(ts, name)(budget=budget), "defaults")]
+    return [(registry.method(name, budget=budget), "defaults")]
 
 
 def vision_flops(config) -> int:
@@ -177,9 +186,7 @@ def run_accuracy(model_dir: str | Path = CHECKPOINT, methods=BENCH_NAMES, budget
 
     Returns the records (the first is method "full") and a note per method/budget that could not run.
     """
-    unknown = [m for m in methods if m not in BENCH_NAMES]
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose among {', '.join(BENCH_NAMES)}")
+    methods = tuple(bench_name(m) for m in methods)
     if split not in S.SPLITS:
         raise ValueError(f"unknown split {split!r}; choose among {', '.join(S.SPLITS)}")
     model, processor, selectors = load_checkpoint(model_dir)

@@ -17,3 +17,13 @@ def model():
 @pytest.fixture(scope="module")
 def batch(model):
     return llava_inputs(model, [(5, 7), (2, 3)])
+
+
+def pytest_configure(config):
+    """Under pytest-xdist each worker runs on one core: torch's own threads would oversubscribe them."""
+    import os
+
+    import torch
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)

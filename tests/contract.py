@@ -5,6 +5,9 @@ the same prompt alone, generation without a cache, or the method's schedule.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
+import dataclasses
 from typing import Callable
 
 import torch
@@ -133,3 +136,133 @@ def check_save_load_roundtrip(model, inputs: dict, method, directory) -> None:
     torch.testing.assert_close(forward_logits(loaded, inputs), reference, rtol=0, atol=0)
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+# ---------------------------------------------------------------------------------- the paths users take
+@dataclasses.dataclass(eq=False)
+class Held:
+    """`method` with its first prefill's selection held: every later prefill keeps exactly what the
+    first one kept (inner stages return their first plans; ALVTS's routing is held by the handle).
+
+    The reference for methods whose selection reads the prompt: a longer prompt (the generated tokens,
+    a second turn) recomputed without a cache, with the first prefill's choice held.
+    """
+
+    method: object
+    plans: dict = dataclasses.field(default_factory=dict)
+    calls: int = 0
+
+    def __getattr__(self, name):
+        if name == "resolve_selectors":  # only where the held method has it (ALVTS)
+            return getattr(self.method, name)
+        raise AttributeError(name)
+
+    def schedule(self, num_layers: int, family_defaults: dict, **context):
+        inner = self.method.schedule(num_layers, family_defaults, **context)
+        stages = tuple(dataclasses.replace(stage, plan=self._held(stage)) for stage in inner.stages)
+        return dataclasses.replace(inner, stages=stages)
+
+    def _held(self, stage):
+        def plan(ctx, requests):
+            self.calls += 1
+            sizes = [(r.row, r.positions.numel(), r.keep) for r in requests]
+            if stage.name not in self.plans:
+                self.plans[stage.name] = (stage.plan(ctx, requests), sizes)
+            plans, recorded = self.plans[stage.name]
+            assert sizes == recorded, (sizes, recorded)
+            return plans
+        return plan
+
+    @contextlib.contextmanager
+    def compressed(self, model):
+        with ts.compress(model, self) as handle:
+            handle.hold_selection()
+            yield handle
+
+
+def _generate(model, inputs: dict, steps: int, **extra):
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                              return_dict_in_generate=True, output_logits=True, **extra)
+
+
+def next_turn(inputs: dict, sequences: torch.Tensor, new_tokens: torch.Tensor) -> dict:
+    """The whole conversation so far plus a new turn: input_ids (B, S + g + t) and its mask; Qwen's
+    token types grow with zeros (text)."""
+    batch = sequences.shape[0]
+    ids = torch.cat([sequences, new_tokens.expand(batch, -1)], 1)
+    grown = ids.shape[1] - inputs["attention_mask"].shape[1]
+    out = {"input_ids": ids,
+           "attention_mask": torch.cat([inputs["attention_mask"], inputs["attention_mask"].new_ones(batch, grown)], 1)}
+    if "mm_token_type_ids" in inputs:
+        types = inputs["mm_token_type_ids"]
+        out["mm_token_type_ids"] = torch.cat([types, types.new_zeros(batch, grown)], 1)
+    return out
+
+
+def check_second_turn(model, inputs: dict, method, reads_prompt: bool, steps: int = 3, cache_name: str = "cache"):
+    """A second turn continued on the compressed cache equals one prefill of the whole conversation
+    (methods reading only visual tokens) or its recomputation with the first turn's selection held."""
+    new_tokens = torch.tensor([[7, 8, 9]])
+    with ts.compress(model, method):
+        first = _generate(model, inputs, steps)
+        turn = next_turn(inputs, first.sequences, new_tokens)
+        text_only = {k: v for k, v in turn.items() if k != "mm_token_type_ids"}
+        continued = _generate(model, text_only, steps, **{cache_name: first.past_key_values})
+    visual = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    if reads_prompt:
+        held = Held(method)
+        with held.compressed(model):
+            assert torch.equal(_generate(model, inputs, steps).sequences, first.sequences)
+            reference = _generate(model, {**turn, **visual}, steps)
+    else:
+        with ts.compress(model, method):
+            reference = _generate(model, {**turn, **visual}, steps)
+    torch.testing.assert_close(continued.logits[0].float(), reference.logits[0].float(), rtol=1e-4, atol=1e-4)
+    assert torch.equal(continued.sequences, reference.sequences), (continued.sequences, reference.sequences)
+
+
+def check_handle_reuse(model, inputs: dict, method) -> None:
+    """A handle entered again installs itself again, with fresh stats; `active` tells the truth."""
+    reference = forward_logits(model, inputs)
+    handle = ts.compress(model, method)
+    with handle:
+        compressed = forward_logits(model, inputs)
+        first_stats = handle.stats
+    assert not handle.active
+    torch.testing.assert_close(forward_logits(model, inputs), reference, rtol=0, atol=0)
+    with handle:
+        assert handle.active and handle.stats is None
+        torch.testing.assert_close(forward_logits(model, inputs), compressed, rtol=0, atol=0)
+        assert handle.stats is not first_stats
+        assert torch.equal(handle.stats.tokens_per_layer, first_stats.tokens_per_layer)
+    assert not handle.active
+    handle.remove()  # removing twice is harmless
+    torch.testing.assert_close(forward_logits(model, inputs), reference, rtol=0, atol=0)
+
+
+def check_compress_twice(model, inputs: dict, method) -> None:
+    """A second compress while one is installed raises, naming the first method, and installs nothing."""
+    with ts.compress(model, method):
+        snapshot = module_snapshot(model)
+        compressed = forward_logits(model, inputs)
+        try:
+            ts.compress(model, method)
+        except ValueError as error:
+            assert type(method).__name__ in str(error) and "already compressed" in str(error)
+        else:
+            raise AssertionError("a second compress on the same model was accepted")
+        assert module_snapshot(model) == snapshot
+        torch.testing.assert_close(forward_logits(model, inputs), compressed, rtol=0, atol=0)
+
+
+def check_copy(model, inputs: dict, method) -> None:
+    """A deep copy made inside the block computes what the uncompressed model computes, inside the
+    block and after it, and generates as the uncompressed model does."""
+    reference = forward_logits(model, inputs)
+    tokens = greedy(model, inputs, 3)
+    with ts.compress(model, method):
+        copy_ = copy.deepcopy(model)
+        torch.testing.assert_close(forward_logits(copy_, inputs), reference, rtol=0, atol=0)
+    torch.testing.assert_close(forward_logits(copy_, inputs), reference, rtol=0, atol=0)
+    assert torch.equal(greedy(copy_, inputs, 3), tokens)

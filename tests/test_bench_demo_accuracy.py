@@ -103,7 +103,7 @@ def test_unreachable_budgets_fall_back_or_are_skipped_with_the_reason(saved):
 
 
 def test_bad_arguments_are_refused_before_anything_runs(saved, tmp_path):
-    with pytest.raises(ValueError, match="unknown methods"):
+    with pytest.raises(ValueError, match="unknown method"):
         A.run_accuracy(saved, methods=("FastW",))
     with pytest.raises(ValueError, match="no small VLM"):
         A.run_accuracy(tmp_path)

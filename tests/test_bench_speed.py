@@ -38,7 +38,7 @@ def test_bench_speed_records(tmp_path, capsys):
 
 def test_bench_speed_rejects_unknown_method(capsys):
     assert main(["bench", "speed", "--shape", "tiny-llava", "--methods", "Magic"]) == 2
-    assert "unknown methods" in capsys.readouterr().err
+    assert "unknown method" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("visual_tokens", [576, 2880])

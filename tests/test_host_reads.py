@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import tokensieve as ts
+from tokensieve import registry
 from host_reads import HostReads, reads_inside
 from tiny_llava_next import SIZES, anyres_inputs, tiny_anyres
 from tiny_qwen import build_inputs, tiny_qwen
@@ -78,15 +79,16 @@ def test_the_audit_sees_a_boolean_index_and_a_scalar_read():
     assert sum(audit.sites.values()) == 2
 
 
-def test_last_token_methods_refuse_right_padding_before_any_layer(model, batch):
+@pytest.mark.parametrize("name", registry.method_names())
+def test_every_method_refuses_right_padding_before_any_layer(model, batch, name):
     right_padded = {**batch, "attention_mask": batch["attention_mask"].clone()}
     right_padded["attention_mask"][0, -1] = 0
     ran = []
     handles = [layer.register_forward_pre_hook(lambda *_: ran.append(1)) for layer in model.model.language_model.layers]
     try:
-        for method in (ts.FastV(budget=80), ts.PDrop(budget=80)):
-            with ts.compress(model, method), torch.no_grad(), pytest.raises(ValueError, match="pad on the left"):
-                model(**right_padded)
+        method = registry.method(name, budget=80) if name != "ALVTS" else METHODS["ALVTS"]
+        with ts.compress(model, method), torch.no_grad(), pytest.raises(ValueError, match="pad on the left"):
+            model(**right_padded)
     finally:
         for handle in handles:
             handle.remove()

@@ -3,7 +3,7 @@
 Importing this package changes nothing in transformers; hooks live on the model instance that
 `compress` is given and are removed by the handle it returns.
 """
-from . import ops
+from . import ops, registry
 from .api import CompressionHandle, compress
 from .calibrate import calibrate_alvts
 from .methods import ALVTS, ApET, DART, DivPrune, FastV, PDrop, Random, Replay, VisionZip
@@ -12,4 +12,4 @@ from .models import supported_model_types
 
 __version__ = "0.1.0"
 
-__all__ = ["ALVTS", "ApET", "DART", "DivPrune", "FastV", "PDrop", "Random", "Replay", "VisionZip", "Selectors", "SelectorMismatchError", "calibrate_alvts", "CompressionHandle", "compress", "ops", "supported_model_types", "__version__"]
+__all__ = ["ALVTS", "ApET", "DART", "DivPrune", "FastV", "PDrop", "Random", "Replay", "VisionZip", "Selectors", "SelectorMismatchError", "calibrate_alvts", "CompressionHandle", "compress", "ops", "registry", "supported_model_types", "__version__"]

@@ -1,6 +1,7 @@
 """`compress(model, method)`: validate, install hooks on this model instance, hand back a handle."""
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -12,17 +13,22 @@ from .runtime.state import Stats
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 
+_INSTALLED: "weakref.WeakKeyDictionary[torch.nn.Module, CompressionHandle]" = weakref.WeakKeyDictionary()
+
+
 class CompressionHandle:
     """Hooks of one method on one model instance; a context manager.
 
     `stats` describes the last compressed prefill (see `tokensieve.runtime.state.Stats`);
-    `remove()` takes every hook and wrapper off, leaving the model exactly as it was.
+    `remove()` takes every hook and wrapper off, leaving the model exactly as it was. A removed
+    handle installs itself again when a `with` block enters it (with fresh stats).
     """
 
     def __init__(self, session: Session, method: Any) -> None:
         self._session = session
         self.method = method
         self.schedule = session.schedule
+        self._in_block = False
 
     @property
     def stats(self) -> Stats | None:
@@ -30,26 +36,54 @@ class CompressionHandle:
 
     @property
     def active(self) -> bool:
-        return self._session is not None and self._session.hooks is not None
+        """Whether this handle's hooks are on the model now."""
+        return self._session.hooks.installed
 
     def remove(self) -> None:
         self._session.remove()
+        if _INSTALLED.get(self._session.model) is self:
+            del _INSTALLED[self._session.model]
 
     def hold_selection(self, hold: bool = True) -> None:
         """Reuse the per-layer choice of the last prefill when the same prompt is run again longer
         (decoding without a cache recomputes the prompt plus the new tokens); for validation."""
         self._session.hold_routes = hold
 
+    def _install(self) -> None:
+        _check_not_compressed(self._session.model)
+        self._session.install()
+        _INSTALLED[self._session.model] = self
+
     def __enter__(self) -> "CompressionHandle":
+        if self._in_block:
+            raise RuntimeError("this handle's with block is already open; nest no second block on the same handle")
+        if not self.active:
+            self._install()
+        self._in_block = True
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self._in_block = False
         self.remove()
+
+
+def _check_not_compressed(model: torch.nn.Module) -> None:
+    installed = _INSTALLED.get(model)
+    if installed is not None and installed.active:
+        raise ValueError(
+            f"this model is already compressed with {installed.method!r}; remove that handle first "
+            "(handle.remove(), or leave its with block) or compress a separately loaded model"
+        )
 
 
 def _check_model(model: torch.nn.Module) -> None:
     if not isinstance(model, torch.nn.Module):
-        raise ValueError(f"compress expects a transformers model instance, got {type(model).__name__}")
+        raise TypeError(f"compress expects a transformers model instance, got {type(model).__name__}")
+    if model.get_output_embeddings() is None:
+        raise ValueError(
+            f"compress expects the whole generative model (e.g. LlavaForConditionalGeneration), got its inner "
+            f"{type(model).__name__}; pass the object from_pretrained returned"
+        )
     attention = getattr(model.config, "_attn_implementation", None)
     text_attention = getattr(model.config.get_text_config(), "_attn_implementation", attention)
     if text_attention not in SUPPORTED_ATTENTION:
@@ -59,10 +93,18 @@ def _check_model(model: torch.nn.Module) -> None:
         )
 
 
+def _check_method(method: Any) -> None:
+    if isinstance(method, type):
+        raise TypeError(f"pass a method instance, not the class: e.g. tokensieve.{method.__name__}(budget=64)")
+    if not hasattr(method, "schedule"):
+        raise TypeError(f"{type(method).__name__} is not a tokensieve method (e.g. tokensieve.ApET(budget=64))")
+
+
 def compress(model: torch.nn.Module, method: Any) -> CompressionHandle:
     """Compress the visual tokens of `model` with `method` until the handle is removed.
 
     Everything is checked before the model is touched; on any error nothing stays installed.
+    A model carries one handle at a time: a second `compress` before the first is removed raises.
 
     Args:
         model: a transformers VLM instance of a supported family (see `supported_model_types`).
@@ -70,19 +112,19 @@ def compress(model: torch.nn.Module, method: Any) -> CompressionHandle:
     Returns:
         A CompressionHandle, usable as a context manager.
     """
+    _check_method(method)
     family = family_for(model)
     _check_model(model)
-    if not hasattr(method, "schedule"):
-        raise ValueError(f"{type(method).__name__} is not a tokensieve method (e.g. tokensieve.ApET(budget=64))")
+    _check_not_compressed(model)
     family.check(model)
     parts = family.parts(model)
     context = {}
     if hasattr(method, "resolve_selectors"):
         context["selectors"] = method.resolve_selectors(model.config.model_type, parts.layers)
-    schedule = method.schedule(len(parts.layers), family.apet_defaults, **context)
+    schedule = family.adapt_schedule(model, method.schedule(len(parts.layers), family.apet_defaults, **context))
     nominal = family.nominal_tokens(model.config)
     if nominal is not None:
         schedule.check_item(nominal)
-    session = Session(model, family, schedule)
-    session.install()
-    return CompressionHandle(session, method)
+    handle = CompressionHandle(Session(model, family, schedule), method)
+    handle._install()
+    return handle

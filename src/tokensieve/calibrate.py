@@ -144,7 +144,7 @@ def fit_layer(layer, selector: LayerSelector, batches: list[LayerInput], steps: 
 def calibrate_alvts(
     model: torch.nn.Module,
     samples: Iterable[dict],
-    rank: int = 256,
+    rank: int | None = None,
     steps: int = 200,
     lr: float = 1e-3,
     start_layer: int = 1,
@@ -158,14 +158,20 @@ def calibrate_alvts(
     truncated SVD of its layer's W_Q and W_K and is fitted independently, the model frozen.
 
     Args:
-        rank: selector rank R (clipped to each projection's full rank).
+        rank: selector rank R, at most the model's hidden size (clipped to each projection's full rank;
+            None: DEFAULT_RANK, or the hidden size if smaller).
         steps: Adam steps per layer; lr: its learning rate.
         ratio: budget (fraction of visual tokens) whose per-layer k the top-k overlap is measured at.
     Returns:
         Selectors with `fidelity[layer] = {"before": {...}, "after": {...}}` (top-k overlap, score MSE).
+    Raises:
+        ValueError (before any work) if a setting does not fit the model: see `check_settings`.
     """
     family = family_for(model)
     layers = family.parts(model).layers
+    hidden_size = layers[0].self_attn.q_proj.in_features
+    rank = resolve_rank(rank, hidden_size)
+    check_settings(len(layers), hidden_size, rank, start_layer, ratio)
     selectors = svd_selectors(model.config.model_type, layers, rank, start_layer)
     inputs = collect_layer_inputs(model, list(samples))
     fidelity: list[dict] = [{} for _ in layers]
@@ -180,6 +186,53 @@ def calibrate_alvts(
         fidelity[i]["after"] = layer_fidelity(layer, selectors.layers[i], batches, lambda n: k_of(n, i))
     selectors.fidelity = fidelity
     return selectors
+
+
+DEFAULT_RANK = 256
+
+
+def resolve_rank(rank: int | None, hidden_size: int) -> int:
+    """The rank asked for, or DEFAULT_RANK capped at the model's hidden size when none was."""
+    return min(DEFAULT_RANK, hidden_size) if rank is None else rank
+
+
+def check_settings(num_layers: int, hidden_size: int, rank: int, start_layer: int, ratio: float) -> None:
+    """ValueError saying what to change if the settings cannot calibrate a model of this size."""
+    if not 0 <= start_layer < num_layers:
+        raise ValueError(f"start layer {start_layer} is out of range: the model has {num_layers} decoder layers; "
+                         f"give a start layer from 0 to {num_layers - 1}")
+    if not 1 <= rank <= hidden_size:
+        raise ValueError(f"rank {rank} does not fit the model's width (hidden size {hidden_size}); "
+                         f"give a rank from 1 to {hidden_size}")
+    if not 0 < ratio <= 1:
+        raise ValueError(f"ratio {ratio} is not in (0, 1]; give the fraction of visual tokens kept, "
+                         "e.g. 0.111 (64 of 576)")
+
+
+def decoder_size(model_dir: str | Path) -> tuple[int, int] | None:
+    """(decoder layers, hidden size) of a saved model, read from its config without loading weights.
+
+    The language model's config (`text_config`) when the model has one; None when the config cannot
+    be read here (e.g. a model that needs remote code): `calibrate_alvts` checks after loading.
+    """
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir)).get_text_config()
+    except (OSError, ValueError, KeyError, AttributeError):
+        return None
+    layers, hidden = getattr(config, "num_hidden_layers", None), getattr(config, "hidden_size", None)
+    return (layers, hidden) if isinstance(layers, int) and isinstance(hidden, int) else None
+
+
+def check_model_folder(model_dir: str | Path) -> None:
+    """ValueError unless model_dir is a folder holding a saved model (its config.json)."""
+    folder = Path(model_dir)
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder; save the model and its processor there with save_pretrained")
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{folder} holds no config.json, so no saved model; save the model and its processor there "
+                         "with save_pretrained")
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -200,21 +253,61 @@ def image_paths(paths: Iterable[str]) -> list[Path]:
     return found
 
 
-def load_model_and_samples(model_dir: str, images: Iterable[str], prompt: str):
-    """A saved VLM (SDPA, eval) and one processed sample per image with `prompt`."""
+def check_image(path: Path) -> None:
+    """ValueError naming the file unless PIL can open and decode it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise ValueError(f"{path} is not a readable image ({str(error).rstrip('.')}); "
+                         "remove it or pass only image files (.png, .jpg, ...) and folders of them") from None
+
+
+def readable_images(paths: Iterable[str]) -> list[Path]:
+    """`image_paths`, each checked to be an image PIL can decode (ValueError naming the first that is not)."""
+    found = image_paths(paths)
+    for path in found:
+        check_image(path)
+    return found
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def load_model_and_samples(model_dir: str, images: Iterable[str], prompt: str, dtype: str | torch.dtype = "float32"):
+    """A saved VLM (SDPA, eval, loaded in `dtype`) and one processed sample per image with `prompt`.
+
+    Everything that can be wrong with the arguments (images, folder, prompt) raises ValueError before
+    the model's weights are loaded.
+    """
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    paths = image_paths(images)
-    if not Path(model_dir).is_dir():
-        raise ValueError(f"{model_dir} is not a folder; save the model and its processor there with save_pretrained")
+    torch_dtype = _torch_dtype(dtype)
+    paths = readable_images(images)
+    check_model_folder(model_dir)
     processor = AutoProcessor.from_pretrained(model_dir)
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, attn_implementation="sdpa").eval()
     samples = []
     for path in paths:
         with Image.open(path) as image:
-            samples.append(dict(processor(images=image.convert("RGB"), text=prompt, return_tensors="pt")))
-    return model, samples
+            try:
+                samples.append(dict(processor(images=image.convert("RGB"), text=prompt, return_tensors="pt")))
+            except ValueError as error:
+                raise ValueError(f"the processor refused {path} with the prompt: {str(error).rstrip('.')}; check "
+                                 "that the prompt holds the processor's image placeholder once (e.g. <image> for "
+                                 "LLaVA)") from None
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, attn_implementation="sdpa", dtype=torch_dtype)
+    return model.eval(), samples
+
+
+def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return getattr(torch, dtype)
 
 
 def fidelity_table(selectors: Selectors) -> str:

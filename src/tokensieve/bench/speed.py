@@ -21,11 +21,12 @@ from tqdm.auto import tqdm
 
 import tokensieve as ts
 
+from .. import registry
 from ..runtime.compat import CACHE_ARGUMENT
 from ..viz import agg_figure, save_figure
 from .shapes import build, full_prefill_flops
 
-METHOD_NAMES = ("ApET", "ALVTS", "Random", "DivPrune", "FastV", "PDrop", "DART", "VisionZip")
+METHOD_NAMES = registry.method_names()
 
 
 @dataclass
@@ -123,15 +124,13 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int | None:
 
 
 def make_method(name: str, budget: int, layers: int, visual_tokens: int, selectors=None):
-    """The method at this budget, or None when this tokensieve has no such method.
+    """The registry's method `name` at this budget.
 
     ALVTS starts routing at layer 1 (the paper's figure) when the other layers can still share the
     budget after layer 0 processed all `visual_tokens`, else at layer 0. It uses `selectors` when given
     (the SVD ones built once for every budget: an exact SVD of a 4096 x 4096 projection takes seconds
     on a CPU), else builds its own."""
-    cls = getattr(ts, name, None)
-    if cls is None:
-        return None
+    cls = registry.entry(name).cls
     if name == "ALVTS":
         start = 1 if visual_tokens <= budget * layers - (layers - 1) else 0
         return cls(budget=budget, start_layer=start, selectors=selectors)
@@ -215,9 +214,7 @@ def run_speed(shape_name: str = "llava-1.5-7b", budgets=(192, 128, 64), methods=
     """Every method at every budget on one preset shape; the first record is the full model.
 
     Returns the records and a note for each method/budget that cannot run on this shape (skipped)."""
-    unknown = [m for m in methods if m not in METHOD_NAMES]
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose among {', '.join(METHOD_NAMES)}")
+    methods = tuple(registry.entry(m).name for m in methods)  # ValueError naming the known ones
     torch_dtype = getattr(torch, dtype)
     shape, built = build(shape_name, layers, vision_layers, torch_dtype, attn, resolution)
     target = torch.device(device)
@@ -231,8 +228,6 @@ def run_speed(shape_name: str = "llava-1.5-7b", budgets=(192, 128, 64), methods=
     jobs += [(m, b, make_method(m, b, layers, built.visual_tokens, selectors)) for b in budgets for m in methods]
     records, skipped = [], []
     for label, budget, method in tqdm(jobs, desc=f"bench speed {shape_name}", disable=not progress):
-        if label != "full" and method is None:
-            continue
         try:
             records.append(measure(built.model, inputs, method, label, budget, context))
         except ValueError as error:  # the method cannot run this budget on this shape; nothing was touched

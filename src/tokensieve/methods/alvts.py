@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .base import Routing, Schedule, check_budget, mean_budget
+from .base import BudgetUnreachable, Routing, Schedule, check_budget, check_type, first_layers, is_int, mean_budget
 
 
 def layer_counts(n: int, mean: float, num_layers: int, start_layer: int) -> list[int]:
@@ -21,13 +21,25 @@ def layer_counts(n: int, mean: float, num_layers: int, start_layer: int) -> list
     routed = num_layers - start_layer
     total = round(mean * num_layers) - n * start_layer
     if total < routed:
-        raise ValueError(
-            f"a mean of {mean:g} visual tokens per layer cannot be met when layers 0..{start_layer - 1} process all "
-            f"{n}: lower start_layer or raise the budget"
-        )
+        raise BudgetUnreachable(too_small_budget(n, mean, num_layers, start_layer))
     counts = [n] * start_layer
     counts += [min(n, (i + 1) * total // routed - i * total // routed) for i in range(routed)]
     return counts
+
+
+def too_small_budget(n: int, mean: float, num_layers: int, start_layer: int) -> str:
+    """Why a mean of `mean` tokens per layer is out of reach: every routed layer processes at least one
+    visual token, and the layers before start_layer all n."""
+    floor = (n * start_layer + num_layers - start_layer) / num_layers
+    if start_layer == 0:
+        return (
+            f"a mean of {mean:g} visual tokens per layer cannot be met: every layer processes at least one visual "
+            f"token, a mean of at least {floor:g}; raise the budget"
+        )
+    return (
+        f"a mean of {mean:g} visual tokens per layer cannot be met when all {n} pass through "
+        f"{first_layers(start_layer)} (a mean of at least {floor:.3g}): lower start_layer or raise the budget"
+    )
 
 
 @dataclass(frozen=True)
@@ -60,6 +72,8 @@ class ALVTS:
         if self.budget is None and self.ratio is None:
             raise ValueError("ALVTS needs a budget (e.g. budget=64) or a ratio (e.g. ratio=0.11)")
         check_budget(self.budget, self.ratio)
+        check_type("start_layer", self.start_layer, is_int, "a decoder layer index such as 1")
+        check_type("rank", self.rank, is_int, "a selector rank such as 64", optional=True)
         if self.start_layer < 0:
             raise ValueError(f"start_layer must be >= 0, got {self.start_layer}")
         if self.rank is not None and self.rank < 1:
@@ -70,8 +84,9 @@ class ALVTS:
     def resolve_selectors(self, model_type: str, layers: torch.nn.ModuleList):
         """The Selectors to use on this model (checked against it), loading or building them, on the
         model's device and in the precision the scores are computed in (see `layer_scores`)."""
-        from ..selectors import Selectors, model_identity, score_dtype, svd_selectors
+        from ..selectors import Selectors, check_weights_loaded, model_identity, score_dtype, svd_selectors
 
+        check_weights_loaded(layers)
         if self.selectors is None:
             rank = self.rank or max(8, layers[0].self_attn.q_proj.in_features // 16)
             selectors = svd_selectors(model_type, layers, rank, self.start_layer)

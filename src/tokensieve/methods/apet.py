@@ -9,8 +9,8 @@ from ..flops import apet_flops
 from ..ops.apet import apet_plan
 from ..ops.plan import ReductionPlan
 from .base import (
-    InnerStage, Schedule, StageContext, StageRequest, check_budget, check_stage_layer, grouped_plans, mean_budget,
-    tokens_after,
+    InnerStage, Schedule, StageContext, StageRequest, check_budget, check_stage_layer, check_type, grouped_plans,
+    is_bool, is_int, is_real, mean_budget, tokens_after,
 )
 
 
@@ -52,6 +52,7 @@ class ApET:
     seed: int | None = 0
 
     def __post_init__(self) -> None:
+        self._check_types()
         explicit = self.stage1 is not None or self.stage2 is not None
         if explicit and (self.budget is not None or self.ratio is not None):
             raise ValueError("give a budget/ratio or explicit stage1/stage2 token counts, not both")
@@ -72,6 +73,17 @@ class ApET:
             raise ValueError(f"eps must be positive, got {self.eps}")
         if self.basis_blend is not None and not 0.0 <= self.basis_blend <= 1.0:
             raise ValueError(f"basis_blend must be in [0, 1], got {self.basis_blend}")
+
+    def _check_types(self) -> None:
+        """TypeError for a field of the wrong type (a string, a bool where a number belongs, ...)."""
+        check_type("stage1", self.stage1, is_int, "a number of visual tokens such as 96", optional=True)
+        check_type("stage2", self.stage2, is_int, "a number of visual tokens such as 32", optional=True)
+        check_type("layer", self.layer, is_int, "a decoder layer index such as 16", optional=True)
+        check_type("num_basis", self.num_basis, is_int, "a number of basis tokens such as 10")
+        check_type("eps", self.eps, is_real, "a small positive number such as 1e-5")
+        check_type("basis_blend", self.basis_blend, is_real, "a weight in [0, 1] such as 0.5", optional=True)
+        check_type("merge", self.merge, is_bool, "True or False")
+        check_type("seed", self.seed, is_int, "an int seed such as 0", optional=True)
 
     def stage2_layer(self, num_layers: int) -> int:
         layer = num_layers // 2 if self.layer is None else self.layer

@@ -1,6 +1,7 @@
 """What every method hands the runtime: where it reduces, how many tokens each stage keeps, and how."""
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -9,6 +10,12 @@ import torch
 from ..ops.plan import ReductionPlan
 
 PlanFn = Callable[[torch.Tensor, int, str], ReductionPlan]
+
+
+class BudgetUnreachable(ValueError):
+    """A method's budget cannot be met on an item of this size: the layers before its first reduction
+    already spend more than the mean allows. `compress` raises it for the model's nominal item; inside
+    a batch, a smaller item keeps the method's minimum instead (`Schedule.count`)."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,8 @@ class InnerStage:
         reads_last_token: the plan reads the last position's attention, so no row may end in padding
             (checked once when the prefill enters the language model, before any decoder layer).
         flops: (n, keep, width) -> FLOPs of one request's plan, or None.
+        vision_side: the plan reads only each request's own rows of `hidden` (no text, no layer), so
+            a stage before layer 0 may run on the vision side instead (where a family needs it).
     """
 
     layer: int
@@ -92,6 +101,7 @@ class InnerStage:
     reads_previous_layer: bool = False
     flops: Callable[[int, int, int], int] | None = None
     reads_last_token: bool = False
+    vision_side: bool = False
 
 
 def grouped_plans(requests: list[StageRequest], features: Callable[[StageRequest], torch.Tensor],
@@ -159,40 +169,100 @@ class Schedule:
                     f"{self.min_keep}; raise the budget"
                 )
 
+    def count(self, keep: Callable[[int], int], budget_tokens: int, rows: int) -> int:
+        """Rows a stage keeps of `rows` for an item of `budget_tokens`: keep(budget_tokens), at most
+        `rows` and at least the minimum (`at_least_minimum`; also when that budget is unreachable)."""
+        try:
+            wanted = min(rows, keep(budget_tokens))
+        except BudgetUnreachable:
+            wanted = 0
+        return self.at_least_minimum(rows, wanted)
+
+    def at_least_minimum(self, n: int, keep: int) -> int:
+        """What a stage keeps of n rows when its budget asks for `keep`: never fewer than min_keep (the
+        fewest its operator can reduce to), and all n when n itself is smaller. A small item in a batch
+        is thus kept at the minimum rather than refused (`handle.stats.floored` names those stages)."""
+        return keep if keep >= n else max(keep, min(n, self.min_keep))
+
     def tokens_per_layer(self, n: int) -> list[int]:
         """Visual tokens each decoder layer processes for one item of n budget tokens."""
-        counts = [self.stage1_keep(n)] * self.num_layers
+        counts = [self.count(self.stage1_keep, n, n)] * self.num_layers
         for stage in self.stages:
-            kept = min(counts[stage.layer], stage.keep(n))
+            kept = self.count(stage.keep, n, counts[stage.layer])
             counts[stage.layer :] = [kept] * (self.num_layers - stage.layer)
         if self.routing is not None:
             for layer in range(self.routing.start_layer, self.num_layers):
-                counts[layer] = min(counts[layer], self.routing.keep(layer, n))
+                counts[layer] = self.count(lambda b: self.routing.keep(layer, b), n, counts[layer])
         return counts
 
 
-def check_budget(budget: float | None, ratio: float | None) -> None:
-    """Budget xor ratio, each in its range; ValueError otherwise."""
+def type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def is_int(value: Any) -> bool:
+    """An int (numpy integers too), not a bool: token counts, layer indices, ranks, seeds."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value: Any) -> bool:
+    """An int or float (numpy scalars too), not a bool or a string."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_bool(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def check_type(name: str, value: Any, accepts: Callable[[Any], bool], what: str, optional: bool = False) -> None:
+    """TypeError naming the field and what to pass unless accepts(value) (or value is None, when optional).
+
+    Example: check_type("layer", 2.0, is_int, "a decoder layer index such as 2") raises
+    "layer must be a decoder layer index such as 2, got 2.0 (float)".
+    """
+    if optional and value is None:
+        return
+    if not accepts(value):
+        raise TypeError(f"{name} must be {what}, got {value!r} ({type_name(value)})")
+
+
+def check_budget(budget: Any, ratio: Any) -> None:
+    """Budget xor ratio, each a real number in its range: TypeError for another type, ValueError for
+    a value out of range or both given."""
+    check_type("budget", budget, is_real, "a number of visual tokens such as 64", optional=True)
+    check_type("ratio", ratio, is_real, "a fraction of the visual tokens such as 0.25", optional=True)
     if budget is not None and ratio is not None:
         raise ValueError("give either budget (tokens) or ratio (fraction of the visual tokens), not both")
     if budget is not None and not budget > 0:
-        raise ValueError(f"budget must be a positive number of visual tokens, got {budget}")
+        raise ValueError(f"budget must be a positive number of visual tokens such as 64, got {budget}")
     if ratio is not None and not 0.0 < ratio <= 1.0:
-        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+        raise ValueError(f"ratio must be in (0, 1], e.g. 0.25 for a quarter of the visual tokens; got {ratio}")
+
+
+def first_layers(count: int) -> str:
+    """The first `count` decoder layers in words: "layer 0", "layers 0..3" ("no layer" for 0)."""
+    if count <= 0:
+        return "no layer"
+    return "layer 0" if count == 1 else f"layers 0..{count - 1}"
 
 
 def check_stage_layer(layer: int, num_layers: int) -> None:
     """ValueError unless 1 <= layer < num_layers (a stage before layer 0 or after the last is no stage)."""
+    if num_layers < 2:
+        raise ValueError(
+            f"a {num_layers}-layer model has no layer after the first to reduce before; this method needs at least "
+            "2 decoder layers"
+        )
     if not 1 <= layer < num_layers:
         raise ValueError(f"layer must be in [1, {num_layers - 1}] for a {num_layers}-layer model, got {layer}")
 
 
 def check_ratio_reachable(method: str, ratio: float | None, layer: int, num_layers: int, fix: str) -> None:
-    """ValueError when a ratio below 1 cannot be met because layers 0..layer-1 keep every token."""
+    """ValueError when a ratio below 1 cannot be met because every token passes the layers before `layer`."""
     if ratio is not None and ratio < 1 and ratio * num_layers <= layer:
         raise ValueError(
-            f"{method} cannot reach ratio={ratio:g} on a {num_layers}-layer model: layers 0..{layer - 1} keep every "
-            f"token, a mean of at least {layer / num_layers:.3f} of them; {fix}"
+            f"{method} cannot reach ratio={ratio:g} on a {num_layers}-layer model: every visual token passes through "
+            f"{first_layers(layer)}, a mean of at least {layer / num_layers:.3f} of them; {fix}"
         )
 
 

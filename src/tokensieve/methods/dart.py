@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from ..attention import queries_keys, rotate
 from ..ops.plan import ReductionPlan, selection_plan
 from .base import (
-    InnerStage, Schedule, StageContext, StageRequest, check_budget, check_ratio_reachable, check_stage_layer,
-    mean_budget, tokens_after,
+    BudgetUnreachable, InnerStage, Schedule, StageContext, StageRequest, check_budget, check_ratio_reachable,
+    check_stage_layer, check_type, first_layers, is_int, mean_budget, tokens_after,
 )
 
 
@@ -131,6 +131,8 @@ class DART:
         if self.budget is None and self.ratio is None:
             raise ValueError("DART needs a budget (mean visual tokens per layer, e.g. budget=128) or a ratio (e.g. 0.22)")
         check_budget(self.budget, self.ratio)
+        check_type("layer", self.layer, is_int, "a decoder layer index such as 2")
+        check_type("pivots", self.pivots, is_int, "an even number of pivot tokens such as 8")
         if self.layer < 1:
             raise ValueError(f"layer must be at least 1 (DART reads layer K-1), got {self.layer}")
         if self.pivots < 2 or self.pivots % 2:
@@ -144,9 +146,9 @@ class DART:
         kept = round(tokens_after(mean, n, k, num_layers))
         if kept < min(n, side):
             floor = (k * n + (num_layers - k) * side) / num_layers
-            raise ValueError(
-                f"DART cannot reach a mean of {mean:g} visual tokens per layer on a {n}-token image: layers 0..{k - 1} "
-                f"process all {n} and layers {k}.. keep at least its {side} image pivots, a mean of at least "
+            raise BudgetUnreachable(
+                f"DART cannot reach a mean of {mean:g} visual tokens per layer on a {n}-token image: all {n} pass "
+                f"through {first_layers(k)} and layers {k}.. keep at least its {side} image pivots, a mean of at least "
                 f"{floor:g}; raise the budget or lower layer (now {k})"
             )
         return kept

@@ -53,5 +53,5 @@ class DivPrune:
         def plan(ctx: StageContext, requests: list[StageRequest]) -> list[ReductionPlan]:
             return grouped_plans(requests, lambda r: ctx.hidden[r.row, r.positions], select)
 
-        stage = InnerStage(0, self.keep, plan, name="divprune", flops=divprune_flops)
+        stage = InnerStage(0, self.keep, plan, name="divprune", vision_side=True, flops=divprune_flops)
         return Schedule(num_layers, lambda n: n, stages=(stage,))

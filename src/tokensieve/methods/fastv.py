@@ -9,8 +9,8 @@ from ..attention import last_query_attention
 from ..ops.plan import ReductionPlan
 from ..ops.topk import top_scores_plan
 from .base import (
-    InnerStage, Schedule, StageContext, StageRequest, check_budget, check_ratio_reachable, check_stage_layer,
-    mean_budget, tokens_after,
+    BudgetUnreachable, InnerStage, Schedule, StageContext, StageRequest, check_budget, check_ratio_reachable,
+    check_stage_layer, check_type, first_layers, is_int, mean_budget, tokens_after,
 )
 
 
@@ -81,6 +81,8 @@ class FastV:
                 "(e.g. 0.11) or kept= (tokens kept after `layer`, the paper's R)"
             )
         check_budget(self.budget, self.ratio)
+        check_type("layer", self.layer, is_int, "a decoder layer index such as 2")
+        check_type("kept", self.kept, is_int, "a number of visual tokens such as 64", optional=True)
         if self.kept is not None and self.kept < 1:
             raise ValueError(f"kept must be at least 1, got {self.kept}")
         if self.layer < 1:
@@ -96,9 +98,9 @@ class FastV:
         exact = tokens_after(mean, n, k, num_layers)
         if exact < 1:
             floor = (k * n + num_layers - k) / num_layers
-            raise ValueError(
-                f"FastV cannot reach a mean of {mean:g} visual tokens per layer on a {n}-token image: layers "
-                f"0..{k - 1} process all {n}, so the mean is at least {floor:.1f}; raise the budget, lower "
+            raise BudgetUnreachable(
+                f"FastV cannot reach a mean of {mean:g} visual tokens per layer on a {n}-token image: all {n} pass "
+                f"through {first_layers(k)}, so the mean is at least {floor:.1f}; raise the budget, lower "
                 f"layer (now {k}), or give kept= (tokens kept after layer {k})"
             )
         return round(exact)

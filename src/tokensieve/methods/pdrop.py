@@ -6,7 +6,10 @@ from functools import lru_cache
 
 from ..ops.plan import ReductionPlan
 from ..ops.topk import top_scores_plan
-from .base import InnerStage, Schedule, StageContext, StageRequest, check_budget, mean_budget
+from .base import (
+    BudgetUnreachable, InnerStage, Schedule, StageContext, StageRequest, check_budget, check_type, is_int, is_real,
+    mean_budget, type_name,
+)
 from .fastv import last_token_attention, last_token_attention_flops
 
 STAGES = 3  # drops in the default schedule, as the authors'
@@ -64,7 +67,7 @@ def stage_counts(n: int, mean: float, layers: tuple[int, ...], num_layers: int, 
     target = mean * num_layers
     if target < layers[0] * n + sum(lengths):
         floor = (layers[0] * n + sum(lengths)) / num_layers
-        raise ValueError(
+        raise BudgetUnreachable(
             f"PDrop cannot reach a mean of {mean:g} visual tokens per layer on a {n}-token image: its first drop is "
             f"before layer {layers[0]}, so the mean is at least {floor:.1f}; raise the budget or give layers= with an "
             "earlier first drop"
@@ -90,6 +93,18 @@ def solve_scale(n: int, target: float, first: int, lengths: list[int], lambda_: 
         middle = (low + high) / 2
         low, high = (middle, high) if spent(middle) < target else (low, middle)
     return (low + high) / 2
+
+
+def layer_tuple(layers) -> tuple[int, ...]:
+    """`layers` as a tuple of ints; TypeError unless it is a sequence of ints (decoder layer indices)."""
+    example = "a tuple of decoder layer indices such as (8, 16, 24), or None"
+    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+        raise TypeError(f"layers must be {example}, got {layers!r} ({type_name(layers)})")
+    layers = tuple(layers)
+    wrong = [layer for layer in layers if not is_int(layer)]
+    if wrong:
+        raise TypeError(f"layers must be {example}; {wrong[0]!r} ({type_name(wrong[0])}) is not an int")
+    return tuple(int(layer) for layer in layers)
 
 
 @dataclass(frozen=True)
@@ -144,14 +159,15 @@ class PDrop:
         if self.budget is None and self.ratio is None and self.layers is None:
             raise ValueError("PDrop needs a budget (e.g. budget=64), a ratio (e.g. ratio=0.11) or layers= (e.g. (8, 16, 24))")
         check_budget(self.budget, self.ratio)
+        check_type("lambda_", self.lambda_, is_real, "the ratio between consecutive stages such as 0.5")
+        check_type("reference_tokens", self.reference_tokens, is_int, "a number of visual tokens such as 576")
         if not 0.0 < self.lambda_ < 1.0:
             raise ValueError(f"lambda_ must be in (0, 1), got {self.lambda_}")
         if self.reference_tokens < 1:
             raise ValueError(f"reference_tokens must be positive, got {self.reference_tokens}")
         if self.layers is not None:
-            layers = tuple(self.layers)
-            if not layers or any(not isinstance(layer, int) for layer in layers) or layers[0] < 1 or any(
-                    a >= b for a, b in zip(layers, layers[1:])):
+            layers = layer_tuple(self.layers)
+            if not layers or layers[0] < 1 or any(a >= b for a, b in zip(layers, layers[1:])):
                 raise ValueError(f"layers must be strictly increasing ints >= 1, e.g. (8, 16, 24); got {self.layers!r}")
             object.__setattr__(self, "layers", layers)
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ops.plan import ReductionPlan, selection_plan
-from .base import InnerStage, Schedule, StageContext, StageRequest, check_budget, mean_budget
+from .base import InnerStage, Schedule, StageContext, StageRequest, check_budget, check_type, is_int, mean_budget
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,8 @@ class Random:
         if self.budget is None and self.ratio is None:
             raise ValueError("Random needs a budget (e.g. budget=64) or a ratio (e.g. ratio=0.11)")
         check_budget(self.budget, self.ratio)
-        if not isinstance(self.seed, int) or self.seed < 0:
+        check_type("seed", self.seed, is_int, "a non-negative int seed such as 0")
+        if self.seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
 
     def keep(self, n: int) -> int:
@@ -60,5 +61,5 @@ class Random:
         def plan(ctx: StageContext, requests: list[StageRequest]) -> list[ReductionPlan]:
             return [selection_plan(self.subset(r.positions.numel(), r.keep)[None]) for r in requests]
 
-        stage = InnerStage(0, self.keep, plan, name="random")
+        stage = InnerStage(0, self.keep, plan, name="random", vision_side=True)
         return Schedule(num_layers, lambda n: n, stages=(stage,))

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from ..attention import project, rotate
 from ..ops.plan import ReductionPlan, selection_plan
-from .base import Schedule, check_budget, mean_budget
+from .base import Schedule, check_budget, check_type, is_real, mean_budget
 
 AUTHORS_CONTEXTUAL = 10 / 64  # 64 = 54 + 10, 128 = 108 + 20, 192 = 162 + 30 (and per NeXT crop: 32 = 27 + 5)
 
@@ -256,6 +256,8 @@ class VisionZip:
         if self.budget is None and self.ratio is None:
             raise ValueError("VisionZip needs a budget (visual tokens per layer, e.g. budget=64) or a ratio (e.g. 0.11)")
         check_budget(self.budget, self.ratio)
+        check_type("contextual", self.contextual, is_real, "a share of the kept tokens in [0, 1) such as 0.15625",
+                   optional=True)
         if self.contextual is not None and not 0.0 <= self.contextual < 1.0:
             raise ValueError(
                 f"contextual is the share of the kept tokens that are contextual, in [0, 1) (the authors': 10/64); "

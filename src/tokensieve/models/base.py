@@ -1,11 +1,13 @@
 """What the runtime needs to know about a model family, and the shared defaults."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
+from ..methods.base import InnerStage, Schedule, StageContext, StageRequest
+from ..ops.plan import ReductionPlan
 from ..runtime.hooks import HookSet
 from ..runtime.sequence import RowSelection
 
@@ -72,6 +74,10 @@ class Family:
     def check(self, model: torch.nn.Module) -> None:
         """ValueError if this model instance cannot be compressed (called before anything is touched)."""
 
+    def adapt_schedule(self, model: torch.nn.Module, schedule: Schedule) -> Schedule:
+        """The schedule as this family runs it (ValueError where it cannot); unchanged by default."""
+        return schedule
+
     def visual_positions(
         self, model: torch.nn.Module, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None
     ) -> dict[str, torch.Tensor] | None:
@@ -116,3 +122,29 @@ def keep_mask(kept_index: torch.Tensor, n: int) -> torch.Tensor:
     mask = torch.zeros(n, dtype=torch.bool, device=kept_index.device)
     mask[kept_index] = True
     return mask
+
+
+def stage0_on_vision_side(schedule: Schedule) -> Schedule:
+    """The schedule with its stage before decoder layer 0 run as the vision-side stage 1, when that
+    stage reads only each item's own rows (`InnerStage.vision_side`) and the schedule has no stage 1.
+
+    The visual rows entering layer 0 are the features stage 1 sees, so the selection is the same.
+    """
+    first = schedule.stage_at(0)
+    if first is None or not first.vision_side or schedule.plan is not None:
+        return schedule
+    return replace(schedule, stage1_keep=first.keep, plan=_vision_side_plan(first), plan_flops=first.flops,
+                   stages=tuple(stage for stage in schedule.stages if stage is not first))
+
+
+def _vision_side_plan(stage: InnerStage):
+    def plan(x: torch.Tensor, keep: int, name: str = "stage1") -> ReductionPlan:
+        """x (G, n, D) -> one plan of G rows keeping `keep` each, from the stage's own plan function."""
+        positions = torch.arange(x.shape[1], device=x.device)
+        requests = [StageRequest(item=g, row=g, positions=positions, keep=keep) for g in range(x.shape[0])]
+        context = StageContext(layer=0, hidden=x, rotary=None, item=None, valid=None, layers=None, cache={})
+        plans = stage.plan(context, requests)
+        weights = None if plans[0].weights is None else torch.cat([p.weights for p in plans])
+        return ReductionPlan(torch.cat([p.kept_index for p in plans]), weights)
+
+    return plan

@@ -31,12 +31,13 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..methods.base import Schedule
 from ..ops.plan import ReductionPlan
 from ..runtime.compat import cache_in
 from ..runtime.hooks import HookSet
 from ..runtime.sequence import RowSelection
 from ..runtime.state import VisualItem
-from .base import Family, VisionLayer, keep_mask, scatter_rows
+from .base import Family, VisionLayer, keep_mask, scatter_rows, stage0_on_vision_side
 
 Span = tuple[int, int]  # (start, length) of one frame group among an item's merged tokens
 
@@ -78,13 +79,11 @@ def frames_keep(spans: Sequence[Span], plans: Sequence[ReductionPlan | None], de
     return torch.cat(parts)
 
 
-def check_spans(schedule: Any, n: int, spans: Sequence[Span]) -> None:
-    """ValueError unless the spans cover the item's n tokens and each stage can reduce every frame and the item."""
+def check_spans(n: int, spans: Sequence[Span]) -> None:
+    """ValueError unless the spans cover the item's n tokens."""
     described = sum(length for _, length in spans)
     if described != n:
         raise ValueError(f"grid_thw describes {described} tokens but the vision tower returned {n} for this item")
-    for length in {length for _, length in spans} | {n}:
-        schedule.check_item(length)
 
 
 def selected_positions(selection: RowSelection, length: int) -> torch.Tensor:
@@ -206,10 +205,10 @@ class QwenVLFamily(Family):
     ) -> list[list[ReductionPlan | None]]:
         """Stage-1 plans per item and frame group (equal sizes are planned as one batch).
 
-        features: one (n_i, D) per item. Checks every frame and item against the method's minimum first.
+        features: one (n_i, D) per item. Checks that grid_thw describes every item first.
         """
         for x, item_spans in zip(features, spans):
-            check_spans(session.schedule, x.shape[0], item_spans)
+            check_spans(x.shape[0], item_spans)
         units = [(i, start, length) for i, item_spans in enumerate(spans) for start, length in item_spans]
         flat = session.plan_items(
             [features[i][start : start + length] for i, start, length in units],
@@ -226,24 +225,30 @@ class Qwen3VLFamily(QwenVLFamily):
     """Qwen3-VL: as Qwen2.5-VL, plus deepstack features added to the visual rows of the first decoder layers.
 
     The language model adds deepstack feature l to the output of decoder layer l (l < n_deepstack)
-    at `visual_pos_masks`, computed for the sequence that entered it; stage 2 (the post-hook of
-    layer K - 1) must therefore come after the last addition: K >= n_deepstack + 1. This is checked
-    when `compress` installs the hooks, before any hook is placed (ApET's default K = L // 2 meets it
-    for the released models: 3 deepstack layers, 28 or more decoder layers).
+    at `visual_pos_masks`, computed for the sequence that entered it; a stage inside the language
+    model (before layer K) must therefore come after the last addition: K >= n_deepstack + 1. A stage
+    before layer 0 that reads only the visual rows (Random, DivPrune) runs on the vision side instead.
+    Both are settled by `adapt_schedule` in `compress`, before any hook is placed (ApET's default
+    K = L // 2 meets it for the released models: 3 deepstack layers, 28 or more decoder layers).
     """
 
     model_types = ("qwen3_vl",)
 
-    def install_stage1(self, model: torch.nn.Module, session: Any, hooks: HookSet) -> None:
+    def adapt_schedule(self, model: torch.nn.Module, schedule: Schedule) -> Schedule:
+        """A stage before decoder layer 0 that reads only each item's own rows runs on the vision side
+        instead (as stage 1, deepstack features reduced with the same plan); any other stage must come
+        after the last deepstack layer. ValueError naming the earliest allowed layer otherwise."""
+        schedule = stage0_on_vision_side(schedule)
         deepstack = len(model.config.vision_config.deepstack_visual_indexes)
-        layer = session.schedule.stage2_layer
-        if layer is not None and layer < deepstack + 1:
-            raise ValueError(
-                f"stage 2 after decoder layer {layer} would cut the sequence before Qwen3-VL's {deepstack} deepstack "
-                f"layers have added their features; choose a stage-2 layer of at least {deepstack + 1} "
-                f"(e.g. ApET(..., layer={deepstack + 1}))"
-            )
-        super().install_stage1(model, session, hooks)
+        for stage in schedule.stages:
+            if stage.layer < deepstack + 1:
+                raise ValueError(
+                    f"the {stage.name} stage before decoder layer {stage.layer} would cut the sequence before "
+                    f"Qwen3-VL's {deepstack} deepstack layers have added their features (after layers 0..{deepstack - 1}); "
+                    f"start the method's reduction at layer {deepstack + 1} or later (its layer=/layers= field, e.g. "
+                    f"layer={deepstack + 1})"
+                )
+        return schedule
 
     def gather_language_kwargs(self, kwargs: dict, selection: RowSelection) -> None:
         """Narrow visual_pos_masks (B, S) -> (B, S_new) and keep the matching rows of each deepstack embed.

@@ -1,10 +1,26 @@
-"""Hooks and method wrappers that live on one model instance and are all removed together."""
+"""Hooks and method wrappers that live on one model instance and are all removed together.
+
+Copies are safe: `copy.deepcopy(model)` copies a module's hook dictionaries and instance attributes,
+so a copy made while hooks are on would carry them. Every hook and wrapper placed here acts only on
+the object it was placed on; on a copy it does nothing (a wrapper calls the class's own method), so
+the copy computes what the uncompressed model computes, during the block and after it.
+"""
 from __future__ import annotations
 
 import functools
+import types
 from typing import Any, Callable
 
 import torch
+
+
+def _only_on(target: torch.nn.Module, fn: Callable) -> Callable:
+    """fn for calls on `target` itself; a no-op (None: leave the call as it is) on any copy of it."""
+
+    def guarded(module, *args):
+        return fn(module, *args) if module is target else None
+
+    return guarded
 
 
 class HookSet:
@@ -14,21 +30,37 @@ class HookSet:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._wrapped: list[tuple[Any, str]] = []
 
+    @property
+    def installed(self) -> bool:
+        """Whether any hook or wrapper is on."""
+        return bool(self._handles or self._wrapped)
+
     def pre(self, module: torch.nn.Module, fn: Callable) -> None:
         """fn(module, args, kwargs) -> None or (args, kwargs)."""
-        self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
+        self._handles.append(module.register_forward_pre_hook(_only_on(module, fn), with_kwargs=True))
 
     def post(self, module: torch.nn.Module, fn: Callable) -> None:
         """fn(module, args, kwargs, output) -> None or a replacement output."""
-        self._handles.append(module.register_forward_hook(fn, with_kwargs=True))
+        self._handles.append(module.register_forward_hook(_only_on(module, fn), with_kwargs=True))
 
     def wrap_method(self, obj: Any, name: str, make_wrapper: Callable[[Callable], Callable]) -> None:
-        """Shadow obj.name with make_wrapper(original) on this instance only (signature preserved)."""
+        """Shadow obj.name with make_wrapper(original) on this instance only (signature preserved).
+
+        The shadow is bound to `obj`: a deep copy rebinds it to the copy, where it calls the class's
+        own method instead of the wrapper.
+        """
         if name in vars(obj):
             raise RuntimeError(f"{type(obj).__name__}.{name} is already overridden on this instance")
         original = getattr(obj, name)
-        wrapper = functools.wraps(original)(make_wrapper(original))
-        setattr(obj, name, wrapper)
+        wrapper = make_wrapper(original)
+
+        @functools.wraps(getattr(type(obj), name))  # the unbound method: binding drops `self` from the signature
+        def dispatch(owner, *args, **kwargs):
+            if owner is obj:
+                return wrapper(*args, **kwargs)
+            return getattr(type(owner), name)(owner, *args, **kwargs)
+
+        setattr(obj, name, types.MethodType(dispatch, obj))
         self._wrapped.append((obj, name))
 
     def remove(self) -> None:

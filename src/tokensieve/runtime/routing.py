@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..methods.base import Routing
+from ..methods.base import Schedule
 from .sequence import RowSelection, compact_rows
 from .state import Level, VisualItem
 
@@ -32,18 +32,19 @@ class Choice:
     visual_per_row: list[int]
 
 
-def top_rows(scores: torch.Tensor, level: Level, items: list[VisualItem], layer: int, routing: Routing) -> Choice:
+def top_rows(scores: torch.Tensor, level: Level, items: list[VisualItem], layer: int, schedule: Schedule) -> Choice:
     """Every text/padding/pinned row, and each item's top-k visual rows by score.
 
     Ties go to the earlier row (stable sort), so the choice is deterministic. Shapes are known on
     the host (k per item, positions cached per level), so no device sync happens per layer.
     """
+    routing = schedule.routing
     keep = (level.item < 0) | level.pinned
     pinned, _ = level.fixed_counts()
     visual_per_row, slots = list(pinned), []
     for rows, item in zip(level.rows, items):
         batch_row, positions, pinned_positions = rows.batch_row, rows.unpinned, rows.pinned
-        k = min(positions.numel(), routing.keep(layer, item.budget_tokens))
+        k = schedule.count(lambda n: routing.keep(layer, n), item.budget_tokens, positions.numel())
         chosen = positions[scores[batch_row, positions].argsort(descending=True, stable=True)[:k]]
         keep[batch_row, chosen] = True
         slots.append(level.slot[batch_row, torch.cat([chosen, pinned_positions])].sort().values)

@@ -6,7 +6,7 @@ from typing import Any, Sequence
 import torch
 
 from ..flops import Widths
-from ..methods.base import Schedule, StageContext, StageRequest
+from ..methods.base import BudgetUnreachable, Schedule, StageContext, StageRequest
 from ..ops.plan import ReductionPlan
 from .compat import cache_in, causal_mask
 from .hooks import HookSet
@@ -19,6 +19,25 @@ def _cache_length(cache: Any, layer: int = 0) -> int:
     if cache is None:
         return 0
     return int(cache.get_seq_length(layer))
+
+
+def _wanted(keep, budget_tokens: int, rows: int) -> int:
+    """What a stage's budget asks it to keep of `rows` (0 where the budget cannot be met at this size)."""
+    try:
+        return min(rows, keep(budget_tokens))
+    except BudgetUnreachable:
+        return 0
+
+
+def _brings_visual_inputs(kwargs: dict) -> bool:
+    """Whether a forward carries images or videos to encode (or encoded ones), not only text."""
+    return any(value is not None for name, value in kwargs.items()
+               if name.startswith("pixel_values") or name == "mm_encoder_outputs")
+
+
+def _original_positions(selection, positions: torch.Tensor) -> torch.Tensor:
+    """(B, S_new): the input position each kept row came from, -1 at the padding rows the selection adds."""
+    return selection.gather(positions, 1).masked_fill(~selection.valid, -1)
 
 
 class Session:
@@ -49,10 +68,14 @@ class Session:
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> None:
+        """Place every hook; on any error nothing stays installed. May be called again after `remove`."""
+        self.items, self.visual_positions, self.sequence, self.stats, self.routes = {}, None, None, None, {}
         try:
             if self.schedule.install is not None:
                 self.schedule.install(self.model, self.family, self.hooks)
             self.family.install_stage1(self.model, self, self.hooks)
+            self.hooks.wrap_method(self.model, "generate", self._one_sequence_per_prompt)
+            self.hooks.wrap_method(self.model, "prepare_inputs_for_generation", self._continuation_slicer)
             self.hooks.pre(self.parts.outer, self._capture_input_ids)
             self.hooks.pre(self.parts.language_model, self._enter_language_model)
             for index, layer in enumerate(self.parts.layers):
@@ -68,9 +91,61 @@ class Session:
         self.hooks.remove()
         self.items, self.visual_positions, self.sequence = {}, None, None
 
+    def _one_sequence_per_prompt(self, original):
+        """generate, refusing beam search and several sequences per prompt before anything runs: both
+        repeat the prompt's rows after the images were encoded, which the compressed rows cannot follow."""
+
+        def generate(*args, **kwargs):
+            config = kwargs.get("generation_config") or self.model.generation_config
+            for name in ("num_beams", "num_return_sequences"):
+                value = kwargs.get(name, getattr(config, name, None))
+                if value is not None and value > 1:
+                    raise ValueError(
+                        f"{name}={value} is not supported under tokensieve (the prompt's compressed rows would have to "
+                        "be repeated per beam or sequence); use greedy or sampling with num_beams=1 and "
+                        "num_return_sequences=1, or run one generate per sample"
+                    )
+            return original(*args, **kwargs)
+
+        return generate
+
+    # ------------------------------------------------------------------ continuing a compressed cache
+    def _tokens_behind(self, cache: Any) -> int | None:
+        """Tokens of the uncompressed sequence the compressed `cache` stands for (None: not this prefill's)."""
+        state = self.sequence
+        if state is None or _cache_length(cache) != self._compressed_length():
+            return None
+        return state.original_length + state.decoded
+
+    def _compressed_length(self) -> int:
+        """Rows the KV cache holds after this prefill and the tokens decoded since (its first layer's)."""
+        first = self.routes.get(0)
+        prefill = first.selection.length if first is not None else self.sequence.level_of(0).length
+        return prefill + self.sequence.decoded
+
+    def _continuation_slicer(self, original):
+        """generate slices the new tokens off the full conversation by the cache's length, which
+        compression shortened: give it the count of new tokens measured on the uncompressed sequence."""
+
+        def prepare(input_ids, next_sequence_length=None, **kwargs):
+            cache = cache_in(kwargs)
+            behind = self._tokens_behind(cache)
+            if kwargs.get("is_first_iteration") and next_sequence_length is not None and behind is not None:
+                shortened_by = behind - _cache_length(cache)
+                next_sequence_length -= shortened_by
+                if next_sequence_length < 1:
+                    raise ValueError(
+                        f"the conversation passed holds {input_ids.shape[1]} tokens, no more than the {behind} this "
+                        "compressed cache already holds; append the new turn's tokens to the previous output"
+                    )
+            return original(input_ids, next_sequence_length=next_sequence_length, **kwargs)
+
+        return prepare
+
     # ------------------------------------------------------------------ stage 1 (called by families)
     def stage1_keep(self, budget_tokens: int) -> int:
-        return self.schedule.stage1_keep(budget_tokens)
+        """What stage 1 keeps of an item (or frame) of this many tokens, the method's minimum at least."""
+        return self.schedule.count(self.schedule.stage1_keep, budget_tokens, budget_tokens)
 
     def plan_items(
         self, features: Sequence[torch.Tensor], keeps: Sequence[int], modality: str = "image"
@@ -108,6 +183,9 @@ class Session:
         return count * self.schedule.plan_flops(n, keep, width)
 
     def add_item(self, item: VisualItem) -> None:
+        if any(self.stage1_keep(budget) > _wanted(self.schedule.stage1_keep, budget, budget)
+               for _, _, budget in item.spans()):
+            item.floored.add("stage1")
         self.items.setdefault(item.modality, []).append(item)
 
     # ------------------------------------------------------------------ hooks
@@ -115,6 +193,14 @@ class Session:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
         self.visual_positions = self.family.visual_positions(self.model, input_ids, embeds)
+        continuing = self._tokens_behind(cache_in(kwargs)) is not None
+        if continuing and self.visual_positions is not None and _brings_visual_inputs(kwargs):
+            if any(bool(positions.any()) for positions in self.visual_positions.values()):
+                raise ValueError(
+                    "a turn that continues a compressed cache brings new images or videos, which tokensieve cannot "
+                    "compress into an existing cache yet; run the whole conversation again as one prompt (with all "
+                    "its images) without the cache"
+                )
 
     def _enter_language_model(self, module, args, kwargs):
         if args:
@@ -142,9 +228,11 @@ class Session:
             mask = torch.ones(batch, length, dtype=torch.long, device=embeds.device)
         if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
             raise ValueError("tokensieve needs a 2-D attention mask (or None); 4-D or compiled-cache masks are not supported")
-        if any(stage.reads_last_token for stage in self.schedule.stages) and not bool(mask[:, -1].all()):
-            raise ValueError("this method reads the last prompt token's attention, but a row of this batch ends in "
-                             "padding: pad on the left (tokenizer padding_side='left')")
+        if not bool(mask[:, -1].all()):
+            raise ValueError(
+                "a row of this batch ends in padding (right padding); tokensieve needs every row to end at its last "
+                "prompt token: pad on the left (tokenizer.padding_side = 'left', as generate needs anyway)"
+            )
         positions = kwargs.get("position_ids")
         if positions is None:
             positions = torch.arange(length, device=embeds.device)[None].expand(batch, -1)
@@ -167,6 +255,7 @@ class Session:
             selection_flops=sum(self.encoding_flops.values()),
             plans=[entry for entries in self.encoding_plans.values() for entry in entries],
             widths=Widths.of(self.parts.text_config),
+            positions=_original_positions(selection, torch.arange(length, device=embeds.device)[None].expand(batch, -1)),
         )
         return out
 
@@ -231,8 +320,7 @@ class Session:
     def _decode_entry(self, kwargs: dict, cache: Any) -> dict:
         state = self.sequence
         level = state.levels[0]
-        first = self.routes.get(0)
-        expected = (first.selection.length if first is not None else state.level_of(0).length) + state.decoded
+        expected = self._compressed_length()
         if _cache_length(cache) != expected:
             raise RuntimeError(
                 f"the KV cache holds {_cache_length(cache)} tokens but the compressed prefill left {expected}; "
@@ -360,7 +448,7 @@ class Session:
         if routing.flops is not None:
             self.stats.selection_flops += sum(
                 routing.flops(index, self.stats.widths, r, n) for r, n in zip(rows.tolist(), items_per_row))
-        choice = top_rows(scores, level, self.sequence.items, index, routing)
+        choice = top_rows(scores, level, self.sequence.items, index, self.schedule)
         pinned, fixed = level.fixed_counts()
         lengths = [f + v - p for f, v, p in zip(fixed, choice.visual_per_row, pinned)]  # rows each batch row routes
         padded = level.padded() or min(lengths) < max(lengths)
@@ -407,6 +495,7 @@ class Session:
         next_level = level.narrowed(keep, index, kept_spans)
         state.levels.append(next_level)
         state.applied.add(stage.name)
+        self.stats.positions = _original_positions(next_level.selection, self.stats.positions)
         self._previous_input = None
         for rows, item_kept in zip(next_level.rows, self.stats.kept):
             item_kept[stage.name] = next_level.slot[rows.batch_row, torch.cat([rows.unpinned, rows.pinned])].sort().values
@@ -417,13 +506,10 @@ class Session:
         requests = []
         for i, (item, rows) in enumerate(zip(items, level.rows)):
             for span, ((_, _, budget_tokens), positions) in enumerate(zip(item.spans(), rows.spans)):
-                target = min(positions.numel(), stage.keep(budget_tokens))
+                target = self.schedule.count(stage.keep, budget_tokens, positions.numel())
+                if target > _wanted(stage.keep, budget_tokens, positions.numel()):
+                    item.floored.add(stage.name)
                 if target < positions.numel():
-                    if target < self.schedule.min_keep:
-                        raise ValueError(
-                            f"{stage.name} would keep {target} of {positions.numel()} visual tokens, below this "
-                            f"method's minimum of {self.schedule.min_keep}; raise the budget"
-                        )
                     requests.append(StageRequest(i, rows.batch_row, positions, target, span))
         return requests
 

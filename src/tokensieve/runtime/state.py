@@ -21,6 +21,8 @@ class VisualItem:
         grid: (rows, cols) of the token grid where the item is one plain grid, for pictures.
         segments: lengths of consecutive slot runs that are budgeted and reduced separately (a
             video's frames); None: the whole item is one segment.
+        floored: names of the stages that kept the method's minimum (or the whole item, when smaller)
+            because the budget asked for fewer tokens than the method can reduce to.
     """
 
     modality: str
@@ -29,6 +31,7 @@ class VisualItem:
     budget_tokens: int | None = None
     grid: tuple[int, int] | None = None
     segments: tuple[int, ...] | None = None
+    floored: set[str] = field(default_factory=set)
 
     def spans(self) -> list[tuple[int, int, int]]:
         """(first slot, slot count, budget tokens) of each separately reduced segment."""
@@ -193,6 +196,9 @@ class Stats:
         plans: the kept indices of every plan the prefill asked for, in call order, each with its
             (stage, input size, kept count): what `Replay.from_handle` replays.
         widths: the language model's widths, for `decoder_flops`.
+        positions: (B, S_out) long: the input position of each row of the model's output (logits,
+            hidden states), -1 at padding rows the compaction added. The last row is always each
+            prompt's last token; `(positions == p).nonzero()` finds where input position p went, if kept.
     """
 
     tokens_per_layer: torch.Tensor
@@ -204,6 +210,7 @@ class Stats:
     selection_flops: int = 0
     widths: object = None
     plans: list[tuple[tuple[str, int, int], torch.Tensor]] = field(default_factory=list)
+    positions: torch.Tensor | None = None
 
     def items_per_row(self, batch: int) -> list[int]:
         """How many visual items each of the `batch` rows holds."""
@@ -221,6 +228,11 @@ class Stats:
     def selection_share(self) -> float:
         """The selection's FLOPs as a fraction of the decoder's plus the selection's."""
         return self.selection_flops / max(1, self.selection_flops + self.decoder_flops)
+
+    @property
+    def floored(self) -> list[list[str]]:
+        """Per visual item, the stages that kept the method's minimum instead of the budget's count."""
+        return [sorted(item.floored) for item in self.items]
 
     @property
     def mean_tokens_per_layer(self) -> torch.Tensor:

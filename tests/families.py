@@ -1,0 +1,65 @@
+"""One list of every family the tests build: a tiny model, a left-padded batch of two prompts with
+images of different sizes, each prompt alone, and a batch where one image is very small."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable
+
+from tiny import llava_inputs, row_inputs, tiny_llava
+from tiny_llava_next import SIZES, anyres_inputs, tiny_anyres
+from tiny_llava_next import row_inputs as anyres_row
+from tiny_qwen import qwen_inputs, row as qwen_row, tiny_qwen
+
+
+@dataclass(frozen=True)
+class FamilyCase:
+    """make(attn) builds the tiny model; batch(model) the two-prompt batch; rows(batch) each prompt
+    alone; small(model) a batch whose second image is smaller than most methods' minimums (None where
+    the family's images all have one size)."""
+
+    name: str
+    make: Callable
+    batch: Callable
+    rows: Callable
+    small: Callable | None = None
+
+
+def _qwen(model_type: str) -> FamilyCase:
+    return FamilyCase(
+        model_type,
+        make=lambda attn: tiny_qwen(model_type, attn),
+        batch=lambda model: qwen_inputs(model_type, [(3, (16, 16), 4), (6, (16, 20), 2)]),
+        rows=lambda batch: [qwen_row(batch, 0), qwen_row(batch, 1)],
+        small=lambda model: qwen_inputs(model_type, [(3, (16, 16), 4), (2, (4, 4), 3)]),  # 64 and 4 tokens
+    )
+
+
+def _anyres(kind: str) -> FamilyCase:
+    return FamilyCase(
+        kind,
+        make=lambda attn: tiny_anyres(kind, attn),
+        batch=lambda model: anyres_inputs(model, [(5, 7), (2, 3)], SIZES),
+        rows=lambda batch: [anyres_row(batch, 0), anyres_row(batch, 1)],
+    )
+
+
+FAMILIES = {
+    "llava": FamilyCase(
+        "llava",
+        make=lambda attn: tiny_llava(attn),
+        batch=lambda model: llava_inputs(model, [(5, 7), (2, 3)]),
+        rows=lambda batch: [row_inputs(batch, 0), row_inputs(batch, 1)],
+    ),
+    "llava_next": _anyres("llava_next"),
+    "llava_onevision": _anyres("llava_onevision"),
+    "qwen2_vl": _qwen("qwen2_vl"),
+    "qwen2_5_vl": _qwen("qwen2_5_vl"),
+    "qwen3_vl": _qwen("qwen3_vl"),
+}
+
+
+@lru_cache(maxsize=None)
+def built(family: str, attn: str = "sdpa"):
+    """The tiny model of a family, built once per test process (tests must leave it as they found it)."""
+    return FAMILIES[family].make(attn)

@@ -1,0 +1,174 @@
+"""Every method on every family (the registry x the family list), under SDPA and eager attention.
+
+Each cell runs the DESIGN.md contract and the paths users take: a second turn on the compressed
+cache, a reused handle, a second compress, a copy of a compressed model and a batch with a very
+small image. A cell refused by design asserts the error that refuses it.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import tokensieve as ts
+from contract import (
+    check_batch_equals_rows, check_cache_generation, check_compress_twice, check_copy, check_handle_reuse,
+    check_keep_all, check_second_turn, forward_logits, greedy, module_snapshot, Held,
+)
+from families import FAMILIES, built
+from tokensieve import registry
+from tokensieve.methods.base import BudgetUnreachable
+
+# Each method at a real budget on the tiny models (144 tokens per LLaVA crop, 64 and 80 per Qwen image,
+# 4 decoder layers, 6 for Qwen3-VL), with the fields the tiny shapes need.
+TINY = {
+    "ApET": dict(ratio=0.25, num_basis=2),
+    "ALVTS": dict(ratio=0.4, rank=8),  # layer 0 sees all 144: the 3 routed layers share the rest
+    "Random": dict(ratio=0.25),
+    "DivPrune": dict(ratio=0.25),
+    "FastV": dict(ratio=0.6),
+    "PDrop": dict(ratio=0.5),
+    "DART": dict(ratio=0.6),
+    "VisionZip": dict(ratio=0.25),
+}
+# Cells refused by design: (method, family) -> (the words the error must contain, the fields the error
+# names as the fix, with which the cell then runs the contract; None: no fix).
+DEEPSTACK = "deepstack layers .* layer=3"  # the tiny Qwen3-VL adds 2 deepstack layers: stages start at 3
+REFUSED = {
+    ("FastV", "qwen3_vl"): (DEEPSTACK, dict(layer=3)),
+    ("PDrop", "qwen3_vl"): (DEEPSTACK, dict(ratio=0.6, layers=(3, 4, 5))),
+    ("DART", "qwen3_vl"): (DEEPSTACK, dict(layer=3)),
+    ("VisionZip", "llava_onevision"): ("VisionZip supports", None),
+}
+CELLS = [(m, f) for m in registry.method_names() for f in FAMILIES]
+
+
+def method_of(name: str, **override):
+    return registry.method(name, **{**TINY[name], **override})
+
+
+def cell_id(cell) -> str:
+    return f"{cell[0]}-{cell[1]}"
+
+
+def test_registry_covers_every_exported_method():
+    exported = {name for name in ts.__all__ if isinstance(getattr(ts, name), type) and hasattr(getattr(ts, name), "schedule")}
+    assert exported - {"Replay"} == set(registry.method_names()) == set(TINY)
+    assert registry.entry("apet") is registry.entry("ApET")
+    with pytest.raises(ValueError, match="choose among ApET, ALVTS"):
+        registry.method("tome", budget=64)
+
+
+def runnable_method(cell):
+    """The cell's method, with the fix its refusal names; None where the cell is refused outright.
+    A refused cell first checks the refusal: the error's words, and nothing installed."""
+    name, family = cell
+    if cell not in REFUSED:
+        return method_of(name)
+    words, fix = REFUSED[cell]
+    model = built(family)
+    before = module_snapshot(model)
+    with pytest.raises(ValueError, match=words):
+        ts.compress(model, method_of(name))
+    assert module_snapshot(model) == before
+    return None if fix is None else method_of(name, **fix)
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=cell_id)
+def test_cell(cell):
+    name, family = cell
+    method = runnable_method(cell)
+    if method is None:
+        return
+    case, model = FAMILIES[family], built(family)
+    batch = case.batch(model)
+    reads_prompt = registry.entry(name).reads_prompt
+    check_keep_all(model, batch, dataclasses.replace(method, budget=None, ratio=1.0))
+    with ts.compress(model, method) as handle:
+        forward_logits(model, batch)
+    per_layer = handle.stats.tokens_per_layer
+    sizes = torch.tensor([[item.keep.numel() for item in handle.stats.items]]).T
+    assert (per_layer[:, -1:] < sizes).all(), "the method pruned nothing"
+    if reads_prompt:
+        check_cached_equals_held(model, batch, method)
+    else:
+        check_cache_generation(model, batch, method, steps=3)
+    check_batch_equals_rows(model, batch, case.rows(batch), method, steps=3)
+    check_second_turn(model, batch, method, reads_prompt)
+    check_handle_reuse(model, batch, method)
+    check_compress_twice(model, batch, method)
+    check_copy(model, batch, method)
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=cell_id)
+def test_cell_eager_equals_sdpa(cell):
+    """SDPA and eager attention keep the same tokens and give the same logits and greedy tokens."""
+    method = runnable_method(cell)
+    if method is None:
+        return
+    family = cell[1]
+    batch = FAMILIES[family].batch(built(family))
+    results = []
+    for attn in ("sdpa", "eager"):
+        model = built(family, attn)
+        with ts.compress(model, method) as handle:
+            logits, tokens = forward_logits(model, batch), greedy(model, batch, 3)
+        results.append((logits, tokens, handle.stats.kept))
+    (l1, t1, k1), (l2, t2, k2) = results
+    torch.testing.assert_close(l1, l2, rtol=1e-4, atol=1e-4)
+    assert torch.equal(t1, t2)
+    for a, b in zip(k1, k2):
+        assert a.keys() == b.keys() and all(torch.equal(a[s], b[s]) for s in a)
+
+
+def check_cached_equals_held(model, inputs: dict, method, steps: int = 3) -> None:
+    with ts.compress(model, method):
+        cached = greedy(model, inputs, steps)
+    with Held(method).compressed(model):
+        uncached = greedy(model, inputs, steps, use_cache=False)
+    assert torch.equal(cached, uncached), (cached, uncached)
+
+
+SMALL_CELLS = [(m, f) for m, f in CELLS if FAMILIES[f].small is not None]
+
+
+@pytest.mark.parametrize("cell", SMALL_CELLS, ids=cell_id)
+def test_batch_with_a_very_small_image(cell):
+    """A 4-token image beside a 64-token one: no error; each stage keeps the method's minimum of the
+    small image where its budget asks for fewer (named in stats.floored); the counts per layer follow
+    the schedule; the batch equals each prompt alone."""
+    method = runnable_method(cell)
+    if method is None:
+        return
+    case, model = FAMILIES[cell[1]], built(cell[1])
+    batch = case.small(model)
+    with ts.compress(model, method) as handle:
+        forward_logits(model, batch)
+    schedule, items = handle.schedule, handle.stats.items
+    expected = torch.tensor([schedule.tokens_per_layer(item.budget_tokens) for item in items])
+    assert torch.equal(handle.stats.tokens_per_layer, expected), (handle.stats.tokens_per_layer, expected)
+    small = items[1].budget_tokens
+    wanted = [asked(schedule.stage1_keep, small)] + [asked(stage.keep, small) for stage in schedule.stages]
+    assert bool(handle.stats.floored[1]) == any(k < min(small, schedule.min_keep) for k in wanted)
+    assert handle.stats.floored[0] == []
+    check_batch_equals_rows(model, batch, case.rows(batch), method, steps=2)
+
+
+def asked(keep, n: int) -> int:
+    """What a stage's budget asks of an n-token item; 0 where the method says it cannot be met."""
+    try:
+        return keep(n)
+    except BudgetUnreachable:
+        return 0
+
+
+def test_apet_small_image_keeps_its_minimum():
+    """The reported case: ApET at ratio 0.2 on a Qwen2.5-VL batch with a small image ran into an error
+    inside generate; now the small image keeps num_basis + 1 tokens at each stage."""
+    model = built("qwen2_5_vl")
+    batch = FAMILIES["qwen2_5_vl"].small(model)
+    with ts.compress(model, ts.ApET(ratio=0.2, num_basis=2)) as handle:
+        greedy(model, batch, 2)
+    assert handle.stats.floored == [[], ["stage1", "stage2"]]
+    assert handle.stats.tokens_per_layer[1].tolist() == [3] * 4
