@@ -180,6 +180,23 @@ class Held:
             yield handle
 
 
+def check_cached_equals_held(model, inputs: dict, method, steps: int = 4) -> None:
+    """Cached generation equals a recomputation without cache holding the prefill's selection; the
+    first token is the compressed forward's argmax; the held run kept what the method kept."""
+    with ts.compress(model, method) as handle:
+        first = forward_logits(model, inputs).argmax(-1)
+        kept = handle.stats.kept
+        cached = greedy(model, inputs, steps)
+    held = Held(method)
+    with held.compressed(model) as held_handle:
+        uncached = greedy(model, inputs, steps, use_cache=False)
+    assert held.calls == steps * len(handle.schedule.stages)  # every step recomputed the prompt
+    for a, b in zip(kept, held_handle.stats.kept):
+        assert a.keys() == b.keys() and all(torch.equal(a[s], b[s]) for s in a)
+    assert torch.equal(cached[:, 0], first)
+    assert torch.equal(cached, uncached), (cached, uncached)
+
+
 def _generate(model, inputs: dict, steps: int, **extra):
     with torch.no_grad():
         return model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
@@ -258,7 +275,8 @@ def check_compress_twice(model, inputs: dict, method) -> None:
 
 def check_copy(model, inputs: dict, method) -> None:
     """A deep copy made inside the block computes what the uncompressed model computes, inside the
-    block and after it, and generates as the uncompressed model does."""
+    block and after it, and generates as the uncompressed model does; compressed on its own, it
+    computes what the compressed original computes."""
     reference = forward_logits(model, inputs)
     tokens = greedy(model, inputs, 3)
     with ts.compress(model, method):
@@ -266,3 +284,8 @@ def check_copy(model, inputs: dict, method) -> None:
         torch.testing.assert_close(forward_logits(copy_, inputs), reference, rtol=0, atol=0)
     torch.testing.assert_close(forward_logits(copy_, inputs), reference, rtol=0, atol=0)
     assert torch.equal(greedy(copy_, inputs, 3), tokens)
+    with ts.compress(model, method):
+        compressed = forward_logits(model, inputs)
+    with ts.compress(copy_, method):  # the copy can be compressed on its own
+        torch.testing.assert_close(forward_logits(copy_, inputs), compressed, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(forward_logits(copy_, inputs), reference, rtol=0, atol=0)

@@ -7,8 +7,6 @@ seeded draws for Random). Then each method once on a tiny Qwen2.5-VL and a tiny 
 """
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -17,11 +15,11 @@ from contract import (
     check_attention_implementations,
     check_batch_equals_rows,
     check_cache_generation,
+    check_cached_equals_held,
     check_keep_all,
     check_removal,
     check_schedule_counts,
     forward_logits,
-    greedy,
     module_snapshot,
 )
 from test_family_llava import row_inputs
@@ -53,53 +51,6 @@ def eager_model():
 
 def rows_of(batch: dict) -> list[dict]:
     return [row_inputs(batch, 0), row_inputs(batch, 1)]
-
-
-# ---------------------------------------------------------------------------------- held reference
-@dataclasses.dataclass(eq=False)
-class Held:
-    """`method` whose inner stages return, at every prefill, the plans they made at the first one.
-
-    Generation without a cache recomputes the whole prompt plus the generated tokens at every step;
-    under Held each step keeps exactly the tokens the first prefill kept, without scoring again.
-    """
-
-    method: object
-    plans: dict = dataclasses.field(default_factory=dict)
-    calls: int = 0
-
-    def schedule(self, num_layers: int, family_defaults: dict):
-        inner = self.method.schedule(num_layers, family_defaults)
-        stages = tuple(dataclasses.replace(stage, plan=self._held(stage)) for stage in inner.stages)
-        return dataclasses.replace(inner, stages=stages)
-
-    def _held(self, stage):
-        def plan(ctx, requests):
-            self.calls += 1
-            sizes = [(r.row, r.positions.numel(), r.keep) for r in requests]
-            if stage.name not in self.plans:
-                self.plans[stage.name] = (stage.plan(ctx, requests), sizes)
-            plans, recorded = self.plans[stage.name]
-            assert sizes == recorded, (sizes, recorded)
-            return plans
-        return plan
-
-
-def check_cached_equals_held(model, inputs: dict, method, steps: int = 4) -> None:
-    """Cached generation equals a recomputation without cache holding the prefill's selection; the
-    first token is the compressed forward's argmax; the held run kept what the method kept."""
-    with ts.compress(model, method) as handle:
-        first = forward_logits(model, inputs).argmax(-1)
-        kept = handle.stats.kept
-        cached = greedy(model, inputs, steps)
-    held = Held(method)
-    with ts.compress(model, held) as held_handle:
-        uncached = greedy(model, inputs, steps, use_cache=False)
-    assert held.calls == steps * len(handle.schedule.stages)  # every step recomputed the prompt
-    for a, b in zip(kept, held_handle.stats.kept):
-        assert a.keys() == b.keys() and all(torch.equal(a[s], b[s]) for s in a)
-    assert torch.equal(cached[:, 0], first)
-    assert torch.equal(cached, uncached), (cached, uncached)
 
 
 def check_generation(model, inputs: dict, name: str, method) -> None:

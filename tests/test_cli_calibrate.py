@@ -12,6 +12,7 @@ import tokensieve as ts
 import tokensieve.calibrate as calibrate_module
 from tokensieve.cli import main
 from tiny import IMAGE_TOKEN, tiny_llava
+from cli_refusal import refusal
 
 PROMPT = "USER: <image> what is in the image ? ASSISTANT:"
 
@@ -69,17 +70,6 @@ def test_calibrate_command_rejects_missing_images(saved, capsys):
 
 
 # Bad arguments: one line on stderr, exit status 2, before any work (nothing loaded, fitted or written).
-
-def refusal(argv: list[str], capsys) -> str:
-    """Run the command expecting a refusal: exit status 2 and one line on stderr, no traceback; returns it."""
-    try:
-        status = main(argv)
-    except SystemExit as exit_:  # argparse refused a value
-        status = exit_.code
-    err = capsys.readouterr().err
-    assert status == 2, err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    return err.strip()
 
 
 @pytest.fixture

@@ -13,12 +13,12 @@ import torch
 
 import tokensieve as ts
 from contract import (
-    check_batch_equals_rows, check_cache_generation, check_compress_twice, check_copy, check_handle_reuse,
-    check_keep_all, check_second_turn, forward_logits, greedy, module_snapshot, Held,
+    check_attention_implementations, check_batch_equals_rows, check_cache_generation, check_cached_equals_held,
+    check_compress_twice, check_copy, check_handle_reuse, check_keep_all, check_second_turn, forward_logits, greedy,
+    module_snapshot,
 )
 from families import FAMILIES, built
 from tokensieve import registry
-from tokensieve.methods.base import BudgetUnreachable
 
 # Each method at a real budget on the tiny models (144 tokens per LLaVA crop, 64 and 80 per Qwen image,
 # 4 decoder layers, 6 for Qwen3-VL), with the fields the tiny shapes need.
@@ -108,26 +108,8 @@ def test_cell_eager_equals_sdpa(cell):
     if method is None:
         return
     family = cell[1]
-    batch = FAMILIES[family].batch(built(family))
-    results = []
-    for attn in ("sdpa", "eager"):
-        model = built(family, attn)
-        with ts.compress(model, method) as handle:
-            logits, tokens = forward_logits(model, batch), greedy(model, batch, 3)
-        results.append((logits, tokens, handle.stats.kept))
-    (l1, t1, k1), (l2, t2, k2) = results
-    torch.testing.assert_close(l1, l2, rtol=1e-4, atol=1e-4)
-    assert torch.equal(t1, t2)
-    for a, b in zip(k1, k2):
-        assert a.keys() == b.keys() and all(torch.equal(a[s], b[s]) for s in a)
-
-
-def check_cached_equals_held(model, inputs: dict, method, steps: int = 3) -> None:
-    with ts.compress(model, method):
-        cached = greedy(model, inputs, steps)
-    with Held(method).compressed(model):
-        uncached = greedy(model, inputs, steps, use_cache=False)
-    assert torch.equal(cached, uncached), (cached, uncached)
+    check_attention_implementations(lambda attn: built(family, attn), FAMILIES[family].batch(built(family)), method,
+                                    steps=3)
 
 
 SMALL_CELLS = [(m, f) for m, f in CELLS if FAMILIES[f].small is not None]
@@ -149,18 +131,11 @@ def test_batch_with_a_very_small_image(cell):
     expected = torch.tensor([schedule.tokens_per_layer(item.budget_tokens) for item in items])
     assert torch.equal(handle.stats.tokens_per_layer, expected), (handle.stats.tokens_per_layer, expected)
     small = items[1].budget_tokens
-    wanted = [asked(schedule.stage1_keep, small)] + [asked(stage.keep, small) for stage in schedule.stages]
+    keeps = [schedule.stage1_keep] + [stage.keep for stage in schedule.stages]
+    wanted = [schedule.asked(keep, small, small) for keep in keeps]
     assert bool(handle.stats.floored[1]) == any(k < min(small, schedule.min_keep) for k in wanted)
     assert handle.stats.floored[0] == []
     check_batch_equals_rows(model, batch, case.rows(batch), method, steps=2)
-
-
-def asked(keep, n: int) -> int:
-    """What a stage's budget asks of an n-token item; 0 where the method says it cannot be met."""
-    try:
-        return keep(n)
-    except BudgetUnreachable:
-        return 0
 
 
 def test_apet_small_image_keeps_its_minimum():

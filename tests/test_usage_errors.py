@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tokensieve as ts
-from contract import _generate, check_second_turn, forward_logits, module_snapshot, next_turn
+from contract import _generate, check_second_turn, module_snapshot, next_turn
 from families import FAMILIES, built
 from tokensieve import registry
 

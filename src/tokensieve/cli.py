@@ -8,144 +8,18 @@
 
 Every bad argument fails before any work (no model loaded, nothing fitted or written) with one line
 on stderr, `tokensieve COMMAND: error: what is wrong; how to fix it`, and exit status 2: argparse
-checks each value on its own (the `type` functions below), then the command's `check` checks what
-needs more than one value or a look at the model folder.
+checks each value on its own (the `type` functions of `cli_arguments`), then the command's `check`
+checks what needs more than one value or a look at the model folder.
 """
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import sys
 from pathlib import Path
 from typing import Sequence
 
-Invalid = argparse.ArgumentTypeError  # what a `type` function raises: argparse prefixes the argument's name
+from . import cli_arguments as arg
 
-
-class OneLineParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line on stderr (no usage block), exit status 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {one_line(message)}; see {self.prog} --help\n")
-
-
-def one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
-def _integer(text: str, kind: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise Invalid(f"expected {kind}, got {text!r}") from None
-
-
-def _positive_int(text: str) -> int:
-    value = _integer(text, "a positive integer")
-    if value < 1:
-        raise Invalid(f"expected a positive integer, got {text}")
-    return value
-
-
-def _layer_index(text: str) -> int:
-    value = _integer(text, "a decoder layer index (an integer >= 0)")
-    if value < 0:
-        raise Invalid(f"expected a decoder layer index (an integer >= 0), got {text}")
-    return value
-
-
-def _number(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise Invalid(f"expected a number, got {text!r}") from None
-
-
-def _positive_float(text: str) -> float:
-    value = _number(text)
-    if not value > 0:
-        raise Invalid(f"expected a number above 0, got {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = _number(text)
-    if not 0 < value <= 1:
-        raise Invalid(f"expected a fraction of the visual tokens in (0, 1], e.g. 0.111 (64 of 576), got {text}")
-    return value
-
-
-def _threads(text: str) -> int:
-    value = _positive_int(text)
-    cpus = os.cpu_count() or 1
-    if value > cpus:
-        raise Invalid(f"{value} threads is more than this machine's {cpus} CPUs; give at most {cpus}")
-    return value
-
-
-def _resolution(text: str) -> int:
-    value = _positive_int(text)
-    if value % 28:
-        raise Invalid(f"expected a multiple of 28 pixels (14-pixel patches merged 2x2), got {value}; "
-                      f"e.g. {max(28, round(value / 28) * 28)}")
-    return value
-
-
-def _device(text: str) -> str:
-    """cpu, cuda, cuda:N or mps, refused unless this machine has it."""
-    import torch
-
-    has_mps = hasattr(torch.backends, "mps")
-    cuda = re.fullmatch(r"cuda(?::(\d+))?", text)
-    if text == "cpu":
-        return text
-    if text == "mps" and has_mps:
-        if not torch.backends.mps.is_available():
-            raise Invalid("mps is not available on this machine; use --device cpu")
-        return text
-    if cuda is None:
-        raise Invalid(f"unknown device {text!r}; use cpu, cuda, cuda:N" + (" or mps" if has_mps else ""))
-    if not torch.cuda.is_available():
-        raise Invalid(f"cuda is not available on this machine (torch {torch.__version__} sees no GPU); "
-                      "use --device cpu")
-    count = torch.cuda.device_count()
-    if cuda.group(1) is not None and int(cuda.group(1)) >= count:
-        raise Invalid(f"{text} does not exist: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
-    return text
-
-
-def _file_in_existing_folder(text: str) -> str:
-    """A file to write whose folder must already exist (its writer creates no folders)."""
-    path = _not_a_folder(text)
-    if not path.parent.exists():
-        raise Invalid(f"folder {path.parent} does not exist; create it (mkdir -p {path.parent}) or write elsewhere")
-    _check_writable_folder(path.parent, path)
-    return text
-
-
-def _creatable_file(text: str) -> str:
-    """A file to write; the folders missing on its way are created when it is written."""
-    path = _not_a_folder(text)
-    folder = path.parent
-    while not folder.exists():
-        folder = folder.parent
-    _check_writable_folder(folder, path)
-    return text
-
-
-def _not_a_folder(text: str) -> Path:
-    path = Path(text)
-    if path.is_dir():
-        raise Invalid(f"{text} is a folder; give a file path, e.g. {path / 'out'}")
-    return path
-
-
-def _check_writable_folder(folder: Path, path: Path) -> None:
-    if not folder.is_dir():
-        raise Invalid(f"{folder} is a file, not a folder, so {path} cannot be written; write elsewhere")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise Invalid(f"folder {folder} is not writable; write elsewhere or change its permissions")
 
 
 def _no_check(args: argparse.Namespace) -> None:
@@ -153,7 +27,7 @@ def _no_check(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(
+    parser = arg.OneLineParser(
         prog="tokensieve", description="Visual token compression for Hugging Face vision-language models."
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -166,13 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
         "and visual tokens per layer of each, and writes a picture of the tokens each method kept. No download, "
         "CPU. Needs the repository checkout (bench/ beside src/).",
     )
-    demo.add_argument("--budget", type=_positive_int, default=64,
+    demo.add_argument("--budget", type=arg.positive_int, default=64,
                       help="mean visual tokens per decoder layer (default: %(default)s)")
-    demo.add_argument("--scenes", type=_positive_int, default=3, help="scenes, two questions each (default: %(default)s)")
+    demo.add_argument("--scenes", type=arg.positive_int, default=3, help="scenes, two questions each (default: %(default)s)")
     demo.add_argument("--model", default=None, help="small VLM folder (default: the shipped checkpoint)")
-    demo.add_argument("--out", type=_creatable_file, default="out/demo_kept_tokens.png",
+    demo.add_argument("--out", type=arg.creatable_file, default="out/demo_kept_tokens.png",
                       help="PNG of the kept tokens (default: %(default)s)")
-    demo.add_argument("--threads", type=_threads, default=None, help="torch CPU threads")
+    demo.add_argument("--threads", type=arg.threads, default=None, help="torch CPU threads")
     demo.add_argument("--seed", type=int, default=0, help="which new scenes (default: %(default)s)")
     demo.set_defaults(run=_run_demo, check=_no_check, prog=demo.prog)
     _add_calibrate(commands)
@@ -192,20 +66,20 @@ def _add_bench(commands) -> None:
         "beside its oracle (the same schedule with the selection given for free) and the full model.",
     )
     speed.add_argument("--shape", default="llava-1.5-7b", choices=sorted(SHAPES), help="preset (default: %(default)s)")
-    speed.add_argument("--budgets", type=_positive_int, nargs="+", default=[192, 128, 64])
+    speed.add_argument("--budgets", type=arg.positive_int, nargs="+", default=[192, 128, 64])
     speed.add_argument("--methods", nargs="+", default=list(METHOD_NAMES), help="(default: every available one)")
-    speed.add_argument("--layers", type=_positive_int, default=4, help="decoder layers built (default: %(default)s)")
-    speed.add_argument("--vision-layers", type=_positive_int, default=2, help="vision layers built (default: %(default)s)")
+    speed.add_argument("--layers", type=arg.positive_int, default=4, help="decoder layers built (default: %(default)s)")
+    speed.add_argument("--vision-layers", type=arg.positive_int, default=2, help="vision layers built (default: %(default)s)")
     speed.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    speed.add_argument("--device", type=_device, default="cuda" if _cuda() else "cpu",
+    speed.add_argument("--device", type=arg.device, default="cuda" if _cuda() else "cpu",
                        help="cpu, cuda or cuda:N (default: cuda when available)")
     speed.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
-    speed.add_argument("--repeats", type=_positive_int, default=2, help="timed runs after a warm-up (default: %(default)s)")
-    speed.add_argument("--new-tokens", type=_positive_int, default=4, help="tokens generated end to end (default: %(default)s)")
-    speed.add_argument("--resolution", type=_resolution, default=448,
+    speed.add_argument("--repeats", type=arg.positive_int, default=2, help="timed runs after a warm-up (default: %(default)s)")
+    speed.add_argument("--new-tokens", type=arg.positive_int, default=4, help="tokens generated end to end (default: %(default)s)")
+    speed.add_argument("--resolution", type=arg.resolution, default=448,
                        help="image side for the Qwen2.5-VL shapes, a multiple of 28 (default: %(default)s)")
-    speed.add_argument("--json", type=_creatable_file, help="write the records here")
-    speed.add_argument("--plot", type=_creatable_file, default="out/bench_speed.png",
+    speed.add_argument("--json", type=arg.creatable_file, help="write the records here")
+    speed.add_argument("--plot", type=arg.creatable_file, default="out/bench_speed.png",
                        help="PNG of speed-up and overhead (default: %(default)s)")
     speed.set_defaults(run=_run_bench_speed, check=_no_check, prog=speed.prog)
     accuracy = bench.add_parser(
@@ -216,16 +90,16 @@ def _add_bench(commands) -> None:
         "Needs the repository checkout (bench/ beside src/).",
     )
     accuracy.add_argument("--model", default=None, help="small VLM folder (default: the shipped checkpoint)")
-    accuracy.add_argument("--budgets", type=_positive_int, nargs="+", default=[192, 128, 64, 32])
+    accuracy.add_argument("--budgets", type=arg.positive_int, nargs="+", default=[192, 128, 64, 32])
     accuracy.add_argument("--methods", nargs="+", default=None, help="(default: every available one)")
-    accuracy.add_argument("--limit", type=_positive_int, default=None,
+    accuracy.add_argument("--limit", type=arg.positive_int, default=None,
                           help="evaluate the first N held-out questions only (default: 1000)")
     accuracy.add_argument("--split", default="test", help="held-out split (default: %(default)s)")
-    accuracy.add_argument("--batch", type=_positive_int, default=50, help="questions per forward (default: %(default)s)")
+    accuracy.add_argument("--batch", type=arg.positive_int, default=50, help="questions per forward (default: %(default)s)")
     accuracy.add_argument("--seed", type=int, default=0, help="seed of the Random baseline (default: %(default)s)")
-    accuracy.add_argument("--threads", type=_threads, default=None, help="torch CPU threads")
-    accuracy.add_argument("--json", type=_creatable_file, help="write the records here")
-    accuracy.add_argument("--plot", type=_creatable_file, default="out/bench_accuracy.png",
+    accuracy.add_argument("--threads", type=arg.threads, default=None, help="torch CPU threads")
+    accuracy.add_argument("--json", type=arg.creatable_file, help="write the records here")
+    accuracy.add_argument("--plot", type=arg.creatable_file, default="out/bench_accuracy.png",
                           help="PNG of retention (default: %(default)s)")
     accuracy.set_defaults(run=_run_bench_accuracy, check=_check_bench_accuracy, prog=accuracy.prog)
 
@@ -313,16 +187,16 @@ def _add_calibrate(commands) -> None:
     calibrate.add_argument("--images", nargs="+", required=True, help="image files, or folders of them")
     calibrate.add_argument("--prompt", default="USER: <image>\nDescribe this image in detail. ASSISTANT:",
                            help="prompt with the processor's image placeholder (default: LLaVA-1.5's format)")
-    calibrate.add_argument("--out", type=_file_in_existing_folder, required=True,
+    calibrate.add_argument("--out", type=arg.file_in_existing_folder, required=True,
                            help="where to write the selectors (.safetensors), in an existing folder")
-    calibrate.add_argument("--rank", type=_positive_int, default=None,
+    calibrate.add_argument("--rank", type=arg.positive_int, default=None,
                            help=f"selector rank, at most the model's hidden size (default: {DEFAULT_RANK}, or the "
                            "hidden size if smaller)")
-    calibrate.add_argument("--steps", type=_positive_int, default=200, help="Adam steps per layer (default: %(default)s)")
-    calibrate.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate (default: %(default)s)")
-    calibrate.add_argument("--start-layer", type=_layer_index, default=1,
+    calibrate.add_argument("--steps", type=arg.positive_int, default=200, help="Adam steps per layer (default: %(default)s)")
+    calibrate.add_argument("--lr", type=arg.positive_float, default=1e-3, help="Adam learning rate (default: %(default)s)")
+    calibrate.add_argument("--start-layer", type=arg.layer_index, default=1,
                            help="first layer with a selector, below the model's layer count (default: %(default)s)")
-    calibrate.add_argument("--ratio", type=_fraction, default=64 / 576,
+    calibrate.add_argument("--ratio", type=arg.fraction, default=64 / 576,
                            help="budget fraction in (0, 1] the top-k overlap is measured at (default: 64/576)")
     calibrate.add_argument("--dtype", default="float32", choices=DTYPES,
                            help="dtype the model is loaded and calibrated in (default: %(default)s)")
@@ -372,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.check(args)
         return args.run(args)
     except ValueError as error:
-        print(f"{args.prog}: error: {one_line(str(error))}", file=sys.stderr)
+        print(f"{args.prog}: error: {arg.one_line(str(error))}", file=sys.stderr)
         return 2
 
 

@@ -169,14 +169,18 @@ class Schedule:
                     f"{self.min_keep}; raise the budget"
                 )
 
-    def count(self, keep: Callable[[int], int], budget_tokens: int, rows: int) -> int:
-        """Rows a stage keeps of `rows` for an item of `budget_tokens`: keep(budget_tokens), at most
-        `rows` and at least the minimum (`at_least_minimum`; also when that budget is unreachable)."""
+    @staticmethod
+    def asked(keep: Callable[[int], int], budget_tokens: int, rows: int) -> int:
+        """What a stage's budget asks it to keep of `rows` for an item of `budget_tokens` (at most
+        `rows`; 0 where the method says that budget cannot be met at this size)."""
         try:
-            wanted = min(rows, keep(budget_tokens))
+            return min(rows, keep(budget_tokens))
         except BudgetUnreachable:
-            wanted = 0
-        return self.at_least_minimum(rows, wanted)
+            return 0
+
+    def count(self, keep: Callable[[int], int], budget_tokens: int, rows: int) -> int:
+        """Rows a stage keeps: what its budget asks (`asked`), and at least the minimum (`at_least_minimum`)."""
+        return self.at_least_minimum(rows, self.asked(keep, budget_tokens, rows))
 
     def at_least_minimum(self, n: int, keep: int) -> int:
         """What a stage keeps of n rows when its budget asks for `keep`: never fewer than min_keep (the

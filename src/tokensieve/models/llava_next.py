@@ -215,11 +215,6 @@ class AnyResFamily(Family):
         for name in ("multi_modal_projector", "image_newline", "get_image_features", "pack_image_features"):
             if not hasattr(outer, name):
                 raise ValueError(f"{type(model).__name__} has no model.{name}; is it a {self.model_types[0]} model?")
-        for name in ("get_image_features", "pack_image_features"):
-            if name in vars(outer):
-                raise ValueError(
-                    f"model.model.{name} is already replaced on this instance (another tokensieve handle?); remove it first"
-                )
         if not isinstance(model.config.image_grid_pinpoints, list):
             raise ValueError("config.image_grid_pinpoints must be a list of [height, width] resolutions")
 

@@ -56,8 +56,4 @@ class LlavaOnevisionFamily(AnyResFamily):
 
     def check(self, model: torch.nn.Module) -> None:
         super().check(model)
-        if "get_video_features" in vars(model.model):
-            raise ValueError(
-                "model.model.get_video_features is already replaced on this instance; remove the other handle first"
-            )
         max_tiles_of(model.config.vision_aspect_ratio)

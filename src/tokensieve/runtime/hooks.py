@@ -23,6 +23,13 @@ def _only_on(target: torch.nn.Module, fn: Callable) -> Callable:
     return guarded
 
 
+def _copied_dispatch(obj: Any, name: str) -> bool:
+    """Whether obj.name is a wrapper placed on another object that obj was copied from."""
+    bound = vars(obj).get(name)
+    owner = getattr(getattr(bound, "__func__", None), "wrapped_for", None)
+    return owner is not None and owner is not obj
+
+
 class HookSet:
     """Registers forward hooks and instance-level method wrappers; `remove()` undoes all of them."""
 
@@ -49,8 +56,13 @@ class HookSet:
         The shadow is bound to `obj`: a deep copy rebinds it to the copy, where it calls the class's
         own method instead of the wrapper.
         """
+        if _copied_dispatch(obj, name):
+            delattr(obj, name)  # left by a copy of an object we wrapped: inert, replaced by this one
         if name in vars(obj):
-            raise RuntimeError(f"{type(obj).__name__}.{name} is already overridden on this instance")
+            raise ValueError(
+                f"{type(obj).__name__}.{name} is already overridden on this instance by other code; tokensieve wraps "
+                "it: remove that override first"
+            )
         original = getattr(obj, name)
         wrapper = make_wrapper(original)
 
@@ -60,6 +72,7 @@ class HookSet:
                 return wrapper(*args, **kwargs)
             return getattr(type(owner), name)(owner, *args, **kwargs)
 
+        dispatch.wrapped_for = obj
         setattr(obj, name, types.MethodType(dispatch, obj))
         self._wrapped.append((obj, name))
 

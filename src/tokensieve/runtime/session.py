@@ -6,7 +6,7 @@ from typing import Any, Sequence
 import torch
 
 from ..flops import Widths
-from ..methods.base import BudgetUnreachable, Schedule, StageContext, StageRequest
+from ..methods.base import Schedule, StageContext, StageRequest
 from ..ops.plan import ReductionPlan
 from .compat import cache_in, causal_mask
 from .hooks import HookSet
@@ -19,14 +19,6 @@ def _cache_length(cache: Any, layer: int = 0) -> int:
     if cache is None:
         return 0
     return int(cache.get_seq_length(layer))
-
-
-def _wanted(keep, budget_tokens: int, rows: int) -> int:
-    """What a stage's budget asks it to keep of `rows` (0 where the budget cannot be met at this size)."""
-    try:
-        return min(rows, keep(budget_tokens))
-    except BudgetUnreachable:
-        return 0
 
 
 def _brings_visual_inputs(kwargs: dict) -> bool:
@@ -183,7 +175,7 @@ class Session:
         return count * self.schedule.plan_flops(n, keep, width)
 
     def add_item(self, item: VisualItem) -> None:
-        if any(self.stage1_keep(budget) > _wanted(self.schedule.stage1_keep, budget, budget)
+        if any(self.stage1_keep(budget) > self.schedule.asked(self.schedule.stage1_keep, budget, budget)
                for _, _, budget in item.spans()):
             item.floored.add("stage1")
         self.items.setdefault(item.modality, []).append(item)
@@ -507,7 +499,7 @@ class Session:
         for i, (item, rows) in enumerate(zip(items, level.rows)):
             for span, ((_, _, budget_tokens), positions) in enumerate(zip(item.spans(), rows.spans)):
                 target = self.schedule.count(stage.keep, budget_tokens, positions.numel())
-                if target > _wanted(stage.keep, budget_tokens, positions.numel()):
+                if target > self.schedule.asked(stage.keep, budget_tokens, positions.numel()):
                     item.floored.add(stage.name)
                 if target < positions.numel():
                     requests.append(StageRequest(i, rows.batch_row, positions, target, span))
