@@ -223,9 +223,8 @@ def check_second_turn(model, inputs: dict, method, reads_prompt: bool, steps: in
     new_tokens = torch.tensor([[7, 8, 9]])
     with ts.compress(model, method):
         first = _generate(model, inputs, steps)
-        turn = next_turn(inputs, first.sequences, new_tokens)
-        text_only = {k: v for k, v in turn.items() if k != "mm_token_type_ids"}
-        continued = _generate(model, text_only, steps, **{cache_name: first.past_key_values})
+        turn = next_turn(inputs, first.sequences, new_tokens)  # as a processor gives it: Qwen's token types too
+        continued = _generate(model, turn, steps, **{cache_name: first.past_key_values})
     visual = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
     if reads_prompt:
         held = Held(method)

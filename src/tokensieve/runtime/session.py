@@ -32,6 +32,16 @@ def _original_positions(selection, positions: torch.Tensor) -> torch.Tensor:
     return selection.gather(positions, 1).masked_fill(~selection.valid, -1)
 
 
+class _UncompressedLength:
+    """A compressed cache seen by code that only asks its length: the uncompressed sequence's."""
+
+    def __init__(self, length: int) -> None:
+        self._length = length
+
+    def get_seq_length(self, layer: int = 0) -> int:
+        return self._length
+
+
 class Session:
     """Runtime state of one compressed model instance. Knows nothing of scoring: the schedule does.
 
@@ -68,6 +78,7 @@ class Session:
             self.family.install_stage1(self.model, self, self.hooks)
             self.hooks.wrap_method(self.model, "generate", self._one_sequence_per_prompt)
             self.hooks.wrap_method(self.model, "prepare_inputs_for_generation", self._continuation_slicer)
+            self.hooks.wrap_method(self.model, "_prepare_position_ids_for_generation", self._continuation_positions)
             self.hooks.pre(self.parts.outer, self._capture_input_ids)
             self.hooks.pre(self.parts.language_model, self._enter_language_model)
             for index, layer in enumerate(self.parts.layers):
@@ -133,6 +144,21 @@ class Session:
             return original(input_ids, next_sequence_length=next_sequence_length, **kwargs)
 
         return prepare
+
+    def _continuation_positions(self, original):
+        """generate's position ids for a conversation continued on the compressed cache, derived as if the
+        cache held the uncompressed conversation (Qwen-VL reads the cache's length to tell the cached
+        tokens from new images, and would otherwise recompute the M-RoPE positions wrongly)."""
+
+        def positions(inputs_tensor, model_kwargs):
+            cache = cache_in(model_kwargs)
+            behind = self._tokens_behind(cache)
+            if behind is not None:
+                model_kwargs = {**model_kwargs, "cache": _UncompressedLength(behind)}
+                model_kwargs.pop("past_key_values", None)
+            return original(inputs_tensor, model_kwargs)
+
+        return positions
 
     # ------------------------------------------------------------------ stage 1 (called by families)
     def stage1_keep(self, budget_tokens: int) -> int:
