@@ -1,4 +1,4 @@
-"""The test contract every family and method must meet (DESIGN.md), as reusable checks.
+"""The test contract every family and method must meet (listed in docs/testing.md), as reusable checks.
 
 Each check compares the compressed model against an independent reference: the untouched model,
 the same prompt alone, generation without a cache, or the method's schedule.
@@ -157,8 +157,8 @@ class Held:
             return getattr(self.method, name)
         raise AttributeError(name)
 
-    def schedule(self, num_layers: int, family_defaults: dict, **context):
-        inner = self.method.schedule(num_layers, family_defaults, **context)
+    def schedule(self, num_layers: int, model_type: str = "", **context):
+        inner = self.method.schedule(num_layers, model_type, **context)
         stages = tuple(dataclasses.replace(stage, plan=self._held(stage)) for stage in inner.stages)
         return dataclasses.replace(inner, stages=stages)
 

@@ -1,4 +1,4 @@
-"""DART and VisionZip: the DESIGN.md contract on a tiny LLaVA-1.5, slow by-hand references of their
+"""DART and VisionZip: the test contract on a tiny LLaVA-1.5, slow by-hand references of their
 selections, LLaVA-NeXT and Qwen2.5-VL runs, and their budget -> schedule arithmetic."""
 from __future__ import annotations
 
@@ -276,14 +276,14 @@ def test_other_qwen_visionzip_rows_and_counts(model_type):
 def test_dart_budgets_on_llava15_7b_shape():
     kept = {b: ts.DART(budget=b).kept_after(576, 32) for b in (192, 128, 64, 159.75)}
     assert kept == {192: 166, 128: 98, 64: 30, 159.75: 132}  # 159.75: the authors' "128" (4 + 8 * 16)
-    schedule = ts.DART(budget=128).schedule(32, {})
+    schedule = ts.DART(budget=128).schedule(32)
     assert schedule.tokens_per_layer(576) == [576, 576] + [98] * 30
     with pytest.raises(ValueError, match="at least 39.75; raise the budget or lower layer"):
         ts.DART(budget=39).kept_after(576, 32)
 
 
 def test_visionzip_budgets_on_llava15_7b_shape():
-    schedule = ts.VisionZip(budget=64).schedule(32, {})
+    schedule = ts.VisionZip(budget=64).schedule(32)
     assert schedule.tokens_per_layer(576) == [64] * 32
     assert [(b - contextual_count(b, 10 / 64), contextual_count(b, 10 / 64)) for b in (192, 128, 64, 32)] == [
         (162, 30), (108, 20), (54, 10), (27, 5)]

@@ -1,4 +1,4 @@
-"""Random, DivPrune, FastV and PyramidDrop against the DESIGN.md contract and their own definitions.
+"""Random, DivPrune, FastV and PyramidDrop against the test contract and their own definitions.
 
 On a tiny LLaVA-1.5 (144 tokens, 4 layers): keep-all identity, removal, cached generation, batch =
 rows, per-layer counts, SDPA = eager; each method's kept tokens against an independent reference
@@ -28,7 +28,7 @@ from tiny_llava_next import SIZES, anyres_inputs, tiny_anyres
 from tiny_llava_next import row_inputs as anyres_row
 from tiny_qwen import qwen_inputs, tiny_qwen
 from tiny_qwen import row as qwen_row
-from tokensieve.methods.fastv import last_token_attention_flops
+from tokensieve.attention import last_query_attention_flops
 from tokensieve.ops.divprune import divprune_select
 
 N = 144
@@ -69,7 +69,7 @@ def test_keep_all_is_identical(model, batch, cls):
 @pytest.mark.parametrize("name", METHODS)
 def test_removal_restores_model(model, batch, name):
     method, _ = METHODS[name]
-    stage_layers = [stage.layer for stage in method.schedule(4, {}).stages]
+    stage_layers = [stage.layer for stage in method.schedule(4).stages]
 
     def hooked(model):
         return ["model", "model.language_model", "model.multi_modal_projector"] + [
@@ -106,7 +106,7 @@ def test_attention_reading_stages_count_their_flops(model, batch, name):
     with ts.compress(model, method) as handle, torch.no_grad():
         model(**batch)
     width = model.config.text_config.hidden_size
-    expected = sum(2 * last_token_attention_flops(per_layer[stage.layer - 1], per_layer[stage.layer], width)
+    expected = sum(2 * last_query_attention_flops(per_layer[stage.layer - 1], per_layer[stage.layer], width)
                    for stage in handle.schedule.stages)
     assert handle.stats.selection_flops == expected > 0
 
@@ -118,28 +118,28 @@ def test_sdpa_and_eager_agree(batch, name):
 
 # ---------------------------------------------------------------------------------- budgets
 def mean_of(method, n=576, layers=32) -> float:
-    counts = method.schedule(layers, {}).tokens_per_layer(n)
+    counts = method.schedule(layers).tokens_per_layer(n)
     return sum(counts) / layers
 
 
 def test_llava_7b_schedules_match_docstrings():
     """32 layers, 576 tokens: the numbers the docstrings give."""
     for budget, kept, mean in [(192, 166, 191.625), (128, 98, 127.875), (64, 30, 64.125)]:
-        schedule = ts.FastV(budget=budget).schedule(32, {})
+        schedule = ts.FastV(budget=budget).schedule(32)
         assert schedule.tokens_per_layer(576) == [576, 576] + [kept] * 30
         assert mean_of(ts.FastV(budget=budget)) == mean
     assert mean_of(ts.FastV(kept=64)) == 96  # the paper's "64"
     for budget, counts in [(192, [285, 143, 71]), (128, [168, 84, 42]), (64, [51, 26, 13])]:
-        schedule = ts.PDrop(budget=budget).schedule(32, {})
+        schedule = ts.PDrop(budget=budget).schedule(32)
         assert [stage.layer for stage in schedule.stages] == [2, 12, 22]
         assert [stage.name for stage in schedule.stages] == ["drop1", "drop2", "drop3"]
         assert schedule.tokens_per_layer(576) == [576] * 2 + [counts[0]] * 10 + [counts[1]] * 10 + [counts[2]] * 10
         assert abs(mean_of(ts.PDrop(budget=budget)) - budget) < 0.2
     authors = [576] * 8 + [288] * 8 + [144] * 8 + [72] * 8
-    assert ts.PDrop(layers=(8, 16, 24)).schedule(32, {}).tokens_per_layer(576) == authors
-    assert ts.PDrop(budget=270).schedule(32, {}).tokens_per_layer(576) == authors  # the authors' mean
+    assert ts.PDrop(layers=(8, 16, 24)).schedule(32).tokens_per_layer(576) == authors
+    assert ts.PDrop(budget=270).schedule(32).tokens_per_layer(576) == authors  # the authors' mean
     for cls in (ts.Random, ts.DivPrune):
-        assert cls(budget=64).schedule(32, {}).tokens_per_layer(576) == [64] * 32
+        assert cls(budget=64).schedule(32).tokens_per_layer(576) == [64] * 32
 
 
 @pytest.mark.parametrize("n,layers", [(576, 32), (2880, 32), (144, 4), (300, 28)])
@@ -149,7 +149,7 @@ def test_realised_mean_is_nearest(n, layers, fraction):
     budget = fraction * n
     for method, step in [(ts.FastV(budget=budget), (layers - 2) / layers), (ts.PDrop(budget=budget, reference_tokens=n), None)]:
         try:
-            schedule = method.schedule(layers, {})
+            schedule = method.schedule(layers)
             schedule.check_item(n)  # what compress checks for the model's nominal image
             counts = schedule.tokens_per_layer(n)
         except ValueError as error:

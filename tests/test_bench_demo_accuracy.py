@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 
 import tokensieve as ts
-from bench import accuracy as A
-from bench import demo as D
-from bench.vlm import model as M
-from bench.vlm import scenes as S
+from tokensieve.bench import accuracy as A
+from tokensieve.bench import demo as D
+from tokensieve.smallvlm import model as M
+from tokensieve.smallvlm import scenes as S
 from tokensieve import cli
 
 TINY = M.Sizes(v_hidden=16, v_layers=1, v_heads=2, v_mlp=32, t_hidden=32, t_layers=4, t_heads=2, t_mlp=64)
@@ -64,7 +64,7 @@ def test_accuracy_of_full_and_apet_matches_one_question_at_a_time(saved):
 
 
 def test_ground_truth_reference_keeps_object_centres_then_object_patches(saved):
-    from bench.vlm.ground_truth import GroundTruthObjects, object_first_order
+    from tokensieve.smallvlm.ground_truth import GroundTruthObjects, object_first_order
 
     samples = S.split_samples("test", 6)
     model, processor = M.load(str(saved))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tokensieve import cli
-from tokensieve.bench import speed
+from tokensieve.bench import accuracy, demo, speed
 from cli_refusal import refusal
 
 
@@ -21,8 +21,8 @@ def no_work(monkeypatch):
         raise AssertionError("the command started its work")
 
     monkeypatch.setattr(speed, "run_speed", refuse)
-    monkeypatch.setattr(cli.repository_module("bench.accuracy"), "run_accuracy", refuse)
-    monkeypatch.setattr(cli.repository_module("bench.demo"), "run_demo", refuse)
+    monkeypatch.setattr(accuracy, "run_accuracy", refuse)
+    monkeypatch.setattr(demo, "run_demo", refuse)
     monkeypatch.setattr(torch, "set_num_threads", refuse)
 
 

@@ -1,4 +1,4 @@
-"""The DESIGN.md contract on a tiny LLaVA-1.5 built from a config (CLIP 12x12 = 144 tokens)."""
+"""The test contract (tests/contract.py) on a tiny LLaVA-1.5 built from a config (CLIP 12x12 = 144 tokens)."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""The DESIGN.md contract on tiny LLaVA-NeXT and LLaVA-OneVision models (AnyRes crops of 144 tokens).
+"""The test contract (tests/contract.py) on tiny LLaVA-NeXT and LLaVA-OneVision models (AnyRes crops of 144 tokens).
 
 An AnyRes image is one visual item over its packed tokens: base crop, unpadded tiles, one image-newline
 token per tile row. Newlines are pinned (always kept), so every count below is the schedule's count
@@ -198,7 +198,7 @@ def test_tokens_per_layer_follow_schedule(model, batch, method):
     assert torch.equal(handle.stats.tokens_per_layer, expected), (handle.stats.tokens_per_layer, expected)
     assert (expected < torch.tensor([[n + newlines] for n, newlines in counts])).all()  # it did compress
     for kept, (n, newlines) in zip(handle.stats.kept, counts):
-        assert kept["stage1"].numel() == schedule.stage1_keep(n) + newlines
+        assert kept["stage1"].numel() == schedule.vision_keep(n) + newlines
         assert set(kept["stage2"].tolist()) <= set(kept["stage1"].tolist())
 
 
@@ -207,7 +207,7 @@ def test_newlines_kept_at_every_layer(model, batch):
     with ts.compress(model, APET_64) as handle:
         forward_logits(model, batch)
     stats = handle.stats
-    stage2_layer = handle.schedule.stage2_layer
+    stage2_layer = handle.schedule.stages[0].layer
     for i, (kept, features) in enumerate(zip(stats.kept, packed)):
         newlines = set(newline_rows(model, features).nonzero().flatten().tolist())
         assert newlines and kept.keys() == {"stage1", "stage2"}

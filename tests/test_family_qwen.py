@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import tokensieve as ts
-from tokensieve.models import family_for
 
 from contract import (
     check_attention_implementations,
@@ -44,14 +43,13 @@ def reference_reduction(model, method, features, frame_tokens: int | None = None
     Returns the reduced rows of all items concatenated (sum k, D), the same for each extra, and
     the kept index of each item (over its own tokens).
     """
-    family = family_for(model)
-    schedule = method.schedule(len(model.model.language_model.layers), family.apet_defaults)
+    schedule = method.schedule(len(model.model.language_model.layers), model.config.model_type)
     reduced, reduced_extra, kept = [], [[] for _ in extra], []
     for i, x in enumerate(features):
         step = frame_tokens or x.shape[0]
         item_kept = []
         for start in range(0, x.shape[0], step):
-            plan = schedule.plan(x[None, start : start + step], schedule.stage1_keep(step), "stage1")
+            plan = schedule.vision_plan(x[None, start : start + step], schedule.vision_keep(step), "stage1")
             reduced.append(plan.apply(x[None, start : start + step])[0])
             for j, tensors in enumerate(extra):
                 reduced_extra[j].append(plan.apply(tensors[i][None, start : start + step])[0])
@@ -201,12 +199,12 @@ def test_video_reduced_per_frame(model_type):
     with ts.compress(model, METHOD) as handle:
         forward_logits(model, inputs)
     (item,), (kept,) = handle.stats.items, handle.stats.kept
-    per_frame = handle.schedule.stage1_keep(64)
+    per_frame = handle.schedule.vision_keep(64)
     assert item.modality == "video" and item.keep.numel() == 192 and item.grid is None
     assert torch.bincount(kept["stage1"] // 64, minlength=3).tolist() == [per_frame] * 3
-    layer = handle.schedule.stage2_layer
+    layer = handle.schedule.stages[0].layer
     assert handle.stats.tokens_per_layer[0, :layer].tolist() == [3 * per_frame] * layer
-    second = handle.schedule.stage2_keep(64)
+    second = handle.schedule.stages[0].keep(64)
     assert second < per_frame
     assert handle.stats.tokens_per_layer[0, layer:].tolist() == [3 * second] * (len(handle.stats.tokens_per_layer[0]) - layer)
     assert torch.bincount(kept["stage2"] // 64, minlength=3).tolist() == [second] * 3

@@ -1,6 +1,6 @@
 """Every method on every family (the registry x the family list), under SDPA and eager attention.
 
-Each cell runs the DESIGN.md contract and the paths users take: a second turn on the compressed
+Each cell runs the contract (tests/contract.py) and the paths users take: a second turn on the compressed
 cache, a reused handle, a second compress, a copy of a compressed model and a batch with a very
 small image. A cell refused by design asserts the error that refuses it.
 """
@@ -131,7 +131,10 @@ def test_batch_with_a_very_small_image(cell):
     expected = torch.tensor([schedule.tokens_per_layer(item.budget_tokens) for item in items])
     assert torch.equal(handle.stats.tokens_per_layer, expected), (handle.stats.tokens_per_layer, expected)
     small = items[1].budget_tokens
-    keeps = [schedule.stage1_keep] + [stage.keep for stage in schedule.stages]
+    keeps = [schedule.vision_keep] + [stage.keep for stage in schedule.stages]
+    if schedule.routing is not None:
+        keeps += [lambda n, layer=layer: schedule.routing.keep(layer, n)
+                  for layer in range(schedule.routing.start_layer, schedule.num_layers)]
     wanted = [schedule.asked(keep, small, small) for keep in keeps]
     assert bool(handle.stats.floored[1]) == any(k < min(small, schedule.min_keep) for k in wanted)
     assert handle.stats.floored[0] == []

@@ -179,7 +179,7 @@ def test_too_small_budget_after_layer_0_names_layer_0(method):
 def test_one_layer_model_names_no_empty_range(method):
     with pytest.raises(ValueError, match="a 1-layer model has no layer after the first to reduce before; this method "
                                          "needs at least 2 decoder layers") as error:
-        method.schedule(1, {})
+        method.schedule(1)
     assert "[1, 0]" not in str(error.value)
 
 

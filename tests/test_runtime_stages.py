@@ -8,7 +8,7 @@ import torch
 from contract import check_batch_equals_rows, check_cache_generation, check_schedule_counts
 from test_family_llava import row_inputs
 from tiny import llava_inputs, tiny_llava
-from tokensieve.methods.base import InnerStage, Schedule
+from tokensieve.runtime.schedule import DecoderStage, Schedule
 from tokensieve.ops.plan import selection_plan
 
 
@@ -21,9 +21,9 @@ def every_other(ctx, requests):
 class Halving:
     """Two stages: before layer 0 keep n/2 (every other token), before layer 2 keep n/4 (every other again)."""
 
-    def schedule(self, num_layers, family_defaults):
-        stages = (InnerStage(0, lambda n: n // 2, every_other, name="entry"),
-                  InnerStage(2, lambda n: n // 4, every_other, name="middle"))
+    def schedule(self, num_layers, model_type=""):
+        stages = (DecoderStage(0, lambda n: n // 2, every_other, name="entry"),
+                  DecoderStage(2, lambda n: n // 4, every_other, name="middle"))
         return Schedule(num_layers, lambda n: n, stages=stages)
 
 

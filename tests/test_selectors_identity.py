@@ -120,11 +120,11 @@ def test_legacy_file_on_other_weights_is_refused(float32_selectors, tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_shipped_selectors_still_match_the_shipped_checkpoint(dtype):
-    """bench/vlm/checkpoint's selectors file predates the signature; the checkpoint's weights are float16,
-    so its float32 and float16 loads have the same legacy hash."""
-    from bench import accuracy as A
-    from bench.vlm import model as M
-    from bench.vlm.calibrate import SELECTORS
+    """The shipped checkpoint's selectors file (tokensieve/smallvlm/checkpoint) predates the signature; the
+    checkpoint's weights are float16, so its float32 and float16 loads have the same legacy hash."""
+    from tokensieve.bench import accuracy as A
+    from tokensieve.smallvlm import model as M
+    from tokensieve.smallvlm.calibrate import SELECTORS
 
     path = A.CHECKPOINT / SELECTORS
     with safe_open(str(path), framework="pt") as f:

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from bench.vlm import model as M
-from bench.vlm import scenes as S
-from bench.vlm import train as T
+from tokensieve.smallvlm import model as M
+from tokensieve.smallvlm import scenes as S
+from tokensieve.smallvlm import train as T
 
 # A hand-made scene: a small red circle top-left, a large blue square bottom-right,
 # a medium red triangle top-right.

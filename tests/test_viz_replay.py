@@ -108,19 +108,19 @@ def test_replay_refuses_an_input_it_did_not_record():
     inputs = llava_inputs(model, [(3, 5)])
     apet, _ = run(model, inputs, ts.ApET(budget=24))
     recorded = Replay.from_handle(apet)
-    other = Replay(kept=recorded.kept, sizes=recorded.sizes, source=ts.ApET(budget=32).schedule(4, {}))
+    other = Replay(kept=recorded.kept, sizes=recorded.sizes, source=ts.ApET(budget=32).schedule(4))
     with pytest.raises(RuntimeError, match="no recorded stage1 selection of 48 out of 144"):
         run(model, inputs, other)
 
 
 def test_replay_checks_its_records():
-    schedule = ts.ApET(budget=24).schedule(4, {})
+    schedule = ts.ApET(budget=24).schedule(4)
     with pytest.raises(ValueError, match="out of range"):
         Replay(kept=({"stage1": torch.tensor([3, 200])},), sizes=(144,), source=schedule)
     with pytest.raises(ValueError, match="stage 1 dropped"):
         Replay(kept=({"stage1": torch.tensor([1, 2]), "stage2": torch.tensor([5])},), sizes=(144,), source=schedule)
     with pytest.raises(ValueError, match="decoder layers"):
-        Replay(kept=(), sizes=(), source=schedule).schedule(8, {})
+        Replay(kept=(), sizes=(), source=schedule).schedule(8)
 
 
 

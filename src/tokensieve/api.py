@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from .models import family_for
+from .runtime.schedule import Method, NeedsSelectors
 from .runtime.session import Session
 from .runtime.state import Stats
 
@@ -96,7 +97,7 @@ def _check_model(model: torch.nn.Module) -> None:
 def _check_method(method: Any) -> None:
     if isinstance(method, type):
         raise TypeError(f"pass a method instance, not the class: e.g. tokensieve.{method.__name__}(budget=64)")
-    if not hasattr(method, "schedule"):
+    if not isinstance(method, Method):
         raise TypeError(f"{type(method).__name__} is not a tokensieve method (e.g. tokensieve.ApET(budget=64))")
 
 
@@ -119,9 +120,9 @@ def compress(model: torch.nn.Module, method: Any) -> CompressionHandle:
     family.check(model)
     parts = family.parts(model)
     context = {}
-    if hasattr(method, "resolve_selectors"):
+    if isinstance(method, NeedsSelectors):
         context["selectors"] = method.resolve_selectors(model.config.model_type, parts.layers)
-    schedule = family.adapt_schedule(model, method.schedule(len(parts.layers), family.apet_defaults, **context))
+    schedule = family.adapt_schedule(model, method.schedule(len(parts.layers), model.config.model_type, **context))
     nominal = family.nominal_tokens(model.config)
     if nominal is not None:
         schedule.check_item(nominal)

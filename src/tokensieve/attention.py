@@ -73,7 +73,9 @@ def queries_keys(
 
 
 def last_query_attention(layer: torch.nn.Module, hidden: torch.Tensor, rotary, valid: torch.Tensor) -> torch.Tensor:
-    """Attention probabilities of each row's last position over all keys, mean over heads.
+    """Attention probabilities of each row's last position over all keys, mean over heads, computed
+    outside the kernel so the model keeps SDPA. The last position must be the last prompt token: the
+    runtime refuses rows that end in padding before the first decoder layer.
 
     Softmax per head in float32; keys at padding (valid False) get nothing. The last position sees
     every earlier one, so no causal mask is needed.
@@ -88,3 +90,9 @@ def last_query_attention(layer: torch.nn.Module, hidden: torch.Tensor, rotary, v
     logits = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, H, 1, S)
     logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
     return logits.softmax(dim=-1).mean(dim=1)[:, 0]
+
+
+def last_query_attention_flops(n: int, keep: int, width: int) -> int:
+    """About, per image of n rows: their keys (2 n D^2, an upper bound under grouped-query attention),
+    the last row's query (2 D^2) and that query's logits over the n rows (2 n D). `keep` is unused."""
+    return 2 * n * width * width + 2 * width * width + 2 * n * width

@@ -1,4 +1,4 @@
-"""Fitting ALVTS selectors to their layers' full-rank scores (ALGORITHMS.md 2.2)."""
+"""Fitting ALVTS selectors to their layers' full-rank scores (docs/methods.md, "ALVTS selectors and calibration")."""
 from __future__ import annotations
 
 from dataclasses import dataclass

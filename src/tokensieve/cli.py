@@ -35,10 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo",
         help="the shipped small VLM answers questions uncompressed and with every method at one budget",
-        description="Loads the small VLM the project trained (bench/vlm/checkpoint), asks it questions about new "
-        "synthetic scenes uncompressed and with every method at the budget, prints the answers, the prefill time "
-        "and visual tokens per layer of each, and writes a picture of the tokens each method kept. No download, "
-        "CPU. Needs the repository checkout (bench/ beside src/).",
+        description="Loads the small VLM the project trained and ships (tokensieve/smallvlm/checkpoint), asks it "
+        "questions about new synthetic scenes uncompressed and with every method at the budget, prints the answers, "
+        "the prefill time and visual tokens per layer of each, and writes a picture of the tokens each method kept. "
+        "No download, CPU.",
     )
     demo.add_argument("--budget", type=arg.positive_int, default=64,
                       help="mean visual tokens per decoder layer (default: %(default)s)")
@@ -84,10 +84,9 @@ def _add_bench(commands) -> None:
     speed.set_defaults(run=_run_bench_speed, check=_no_check, prog=speed.prog)
     accuracy = bench.add_parser(
         "accuracy", help="held-out accuracy of every method at every budget on the shipped small VLM",
-        description="Runs the uncompressed small VLM (trained by the project, bench/vlm/checkpoint) and every method "
-        "at every budget on its held-out synthetic questions; prints accuracy, retention per question kind, mean "
-        "visual tokens per decoder layer and prefill FLOPs, and plots retention against budget and FLOPs. "
-        "Needs the repository checkout (bench/ beside src/).",
+        description="Runs the uncompressed small VLM (trained by the project, tokensieve/smallvlm/checkpoint) and "
+        "every method at every budget on its held-out synthetic questions; prints accuracy, retention per question "
+        "kind, mean visual tokens per decoder layer and prefill FLOPs, and plots retention against budget and FLOPs.",
     )
     accuracy.add_argument("--model", default=None, help="small VLM folder (default: the shipped checkpoint)")
     accuracy.add_argument("--budgets", type=arg.positive_int, nargs="+", default=[192, 128, 64, 32])
@@ -130,24 +129,11 @@ def _run_bench_speed(args: argparse.Namespace) -> int:
     return 0
 
 
-def repository_module(name: str):
-    """A module of the repository's bench/ folder (outside the library), importable from a checkout."""
-    import importlib
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    if not (root / "bench" / "vlm").is_dir():
-        raise ValueError(f"{name} lives in the repository's bench/ folder, which is not beside this installation "
-                         f"({root}); run it from a clone installed with `pip install -e .` (`make demo` does)")
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    return importlib.import_module(name)
-
-
 def _run_bench_accuracy(args: argparse.Namespace) -> int:
     import torch
 
-    bench = repository_module("bench.accuracy")
+    from .bench import accuracy as bench
+
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     records, skipped = bench.run_accuracy(args.model or bench.CHECKPOINT, tuple(args.methods or bench.BENCH_NAMES),
@@ -166,7 +152,9 @@ def _run_bench_accuracy(args: argparse.Namespace) -> int:
 
 def _check_bench_accuracy(args: argparse.Namespace) -> None:
     """Every budget within the visual tokens of one of the benchmark's images."""
-    visual_tokens = repository_module("bench.accuracy").S.GRID ** 2
+    from .smallvlm.scenes import GRID
+
+    visual_tokens = GRID ** 2
     too_large = [b for b in args.budgets if b > visual_tokens]
     if too_large:
         raise ValueError(f"budgets {too_large} are above the {visual_tokens} visual tokens of an image; "
@@ -232,7 +220,8 @@ def _run_calibrate(args: argparse.Namespace) -> int:
 def _run_demo(args: argparse.Namespace) -> int:
     import torch
 
-    demo = repository_module("bench.demo")
+    from .bench import demo
+
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     demo.run_demo(args.model or demo.CHECKPOINT, budget=args.budget, scenes=args.scenes, out=args.out, seed=args.seed)

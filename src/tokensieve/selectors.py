@@ -1,6 +1,6 @@
 """ALVTS selectors: per decoder layer, low-rank copies of W_Q and W_K that score visual tokens.
 
-Spec: ALGORITHMS.md section 2 (arXiv 2606.14277). A selector of rank R replaces a projection
+See docs/methods.md, "ALVTS selectors and calibration" (arXiv 2606.14277). A selector of rank R replaces a projection
 W (D_out x D_in) by A B with A (D_out x R), B (R x D_in), initialised from the truncated SVD
 W = U S V^T as A = U_R sqrt(S_R), B = sqrt(S_R) V_R^T; the projection's bias is kept.
 The selector sees what its layer would see: the layer's input layernorm, the per-head q/k norms

@@ -1,8 +1,8 @@
 """Pictures of which visual tokens each stage kept: the image with dropped patches dimmed.
 
-matplotlib is needed here only (an optional dependency). Figures are drawn on their own Agg
-canvas inside the functions, without pyplot, so neither importing this module nor calling it
-changes matplotlib's global backend or opens a window.
+Figures are drawn with matplotlib (a dependency of the package) on their own Agg canvas, without
+pyplot, so neither importing this module nor calling it changes matplotlib's global backend or
+opens a window.
 """
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.collections import PolyCollection
+from matplotlib.figure import Figure
 from PIL import Image
 
 DIM = 0.3  # brightness of dropped patches
@@ -50,8 +53,6 @@ def stage_title(stage: str, count: int, total: int) -> str:
 
 def _outline(ax, keep: np.ndarray) -> None:
     """Draw the border of every kept cell in image-grid coordinates (cell = unit square)."""
-    from matplotlib.collections import PolyCollection
-
     cells = [
         [(c, r), (c + 1, r), (c + 1, r + 1), (c, r + 1)]
         for r, c in zip(*np.nonzero(keep))
@@ -74,9 +75,6 @@ def _draw_panel(ax, picture: np.ndarray, grid: tuple[int, int], keep: np.ndarray
 
 def agg_figure(width: float, height: float):
     """A matplotlib Figure on its own Agg canvas (no pyplot, no global backend change)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     figure = Figure(figsize=(width, height))
     FigureCanvasAgg(figure)
     return figure

@@ -1,7 +1,7 @@
 """Compression methods: one file each, a frozen dataclass of hyper-parameters plus its schedule."""
 from .alvts import ALVTS
 from .apet import ApET
-from .base import Schedule
+from ..runtime.schedule import Schedule
 from .dart import DART
 from .divprune import DivPrune
 from .fastv import FastV

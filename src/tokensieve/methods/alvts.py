@@ -1,4 +1,4 @@
-"""ALVTS: Adaptive Layer-wise Visual Token Selection (arXiv 2606.14277), ALGORITHMS.md section 2."""
+"""ALVTS: Adaptive Layer-wise Visual Token Selection (arXiv 2606.14277); docs/methods.md, "ALVTS"."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from .base import BudgetUnreachable, Routing, Schedule, check_budget, check_type, first_layers, is_int, mean_budget
+from ..runtime.schedule import BudgetUnreachable, Routing, Schedule
+from .base import check_budget, check_type, first_layers, is_int, mean_budget
 
 
 def layer_counts(n: int, mean: float, num_layers: int, start_layer: int) -> list[int]:
@@ -99,7 +100,7 @@ class ALVTS:
         weight = layers[0].self_attn.q_proj.weight
         return selectors.to(weight.device, score_dtype(weight.dtype))
 
-    def schedule(self, num_layers: int, family_defaults: dict, selectors=None) -> Schedule:
+    def schedule(self, num_layers: int, model_type: str = "", selectors=None) -> Schedule:
         if not self.start_layer < num_layers:
             raise ValueError(f"start_layer must be below the {num_layers} decoder layers, got {self.start_layer}")
         from ..flops import selector_flops
@@ -116,4 +117,4 @@ class ALVTS:
             return selector_flops(widths, rows, query.a.shape[1], items)
 
         routing = Routing(self.start_layer, keep, score, flops)
-        return Schedule(num_layers, stage1_keep=lambda n: n, routing=routing)
+        return Schedule(num_layers, vision_keep=lambda n: n, routing=routing)

@@ -1,4 +1,4 @@
-"""ApET: Approximation-Error guided Token compression (arXiv 2602.19870), ALGORITHMS.md section 1."""
+"""ApET: Approximation-Error guided Token compression (arXiv 2602.19870); docs/methods.md, "ApET"."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,10 +8,16 @@ import torch
 from ..flops import apet_flops
 from ..ops.apet import apet_plan
 from ..ops.plan import ReductionPlan
+from ..runtime.schedule import DecoderStage, Schedule, StageContext, StageRequest
 from .base import (
-    InnerStage, Schedule, StageContext, StageRequest, check_budget, check_stage_layer, check_type, grouped_plans,
-    is_bool, is_int, is_real, mean_budget, tokens_after,
+    check_budget, check_stage_layer, check_type, grouped_plans, is_bool, is_int, is_real, mean_budget, tokens_after,
 )
+
+
+# The weight of the basis features in the basis slots, per model_type, as the paper's reference code
+# uses them: LLaVA's keep the basis features as they are (1.0, the default); Qwen-VL's blend basis and
+# their own features equally.
+BASIS_BLEND = {"qwen2_vl": 0.5, "qwen2_5_vl": 0.5, "qwen3_vl": 0.5}
 
 
 @dataclass(frozen=True)
@@ -22,8 +28,8 @@ class ApET:
 
     Budget semantics: `budget` (tokens) or `ratio` (fraction of an item's visual tokens) is the
     mean number of visual tokens per decoder layer, per image. By default stage 1 (vision side,
-    before the language model) keeps round(1.5 * b) and stage 2 (on the hidden states after
-    decoder layer `layer`, default L // 2) keeps what makes the mean over the L layers equal b:
+    before the language model) keeps round(1.5 * b) and stage 2 (on the hidden states entering
+    decoder layer `layer`, 0-based, default L // 2: the paper's "after layer 16" of 32) keeps what makes the mean over the L layers equal b:
     0.5 * b when layer = L / 2 (64 -> 96 then 32; 128 -> 192 then 64; 192 -> 288 then 96).
     If 1.5 * b exceeds the image's N tokens, stage 1 keeps N and stage 2 the rest of the budget;
     `ratio=1.0` keeps everything. `stage1`/`stage2` (tokens per image) set the stages directly
@@ -33,8 +39,8 @@ class ApET:
     Attributes:
         num_basis: basis tokens found by farthest point sampling (k).
         eps: ridge regulariser of the reconstruction.
-        basis_blend: weight of the basis features in the basis slots; None takes the model
-            family's reference value (1.0 for LLaVA, 0.5 for Qwen).
+        basis_blend: weight of the basis features in the basis slots; None takes the reference
+            value for the model (`BASIS_BLEND`: 0.5 for Qwen-VL, 1.0 otherwise).
         merge: average every dropped token into its cosine-nearest kept token.
         seed: int: the first FPS pick is the index drawn from a generator seeded with it (the
             reference draws it at random); None: the token farthest from the token mean.
@@ -90,9 +96,9 @@ class ApET:
         check_stage_layer(layer, num_layers)
         return layer
 
-    def schedule(self, num_layers: int, family_defaults: dict) -> Schedule:
+    def schedule(self, num_layers: int, model_type: str = "") -> Schedule:
         layer = self.stage2_layer(num_layers)
-        blend = self.basis_blend if self.basis_blend is not None else family_defaults.get("basis_blend", 1.0)
+        blend = self.basis_blend if self.basis_blend is not None else BASIS_BLEND.get(model_type, 1.0)
 
         def stage1_keep(n: int) -> int:
             if self.stage1 is not None:
@@ -113,8 +119,8 @@ class ApET:
             return grouped_plans(requests, lambda r: ctx.hidden[r.row, r.positions], plan)
 
         flops = lambda n, keep, width: apet_flops(n, keep, self.num_basis, width)  # noqa: E731
-        stage2 = InnerStage(layer, stage2_keep, stage2_plan, name="stage2", flops=flops)
-        return Schedule(num_layers, stage1_keep, plan, stages=(stage2,), min_keep=self.num_basis + 1, plan_flops=flops)
+        stage2 = DecoderStage(layer, stage2_keep, stage2_plan, name="stage2", flops=flops)
+        return Schedule(num_layers, stage1_keep, plan, stages=(stage2,), min_keep=self.num_basis + 1, vision_plan_flops=flops)
 
     def _start(self, x: torch.Tensor) -> int | None:
         if self.seed is None:

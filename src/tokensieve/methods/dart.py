@@ -1,4 +1,4 @@
-"""DART: token pruning by duplication, inside the language model before layer K (BASELINES.md)."""
+"""DART: token pruning by duplication, inside the language model before layer K (docs/methods.md, "DART")."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,9 +8,10 @@ import torch.nn.functional as F
 
 from ..attention import queries_keys, rotate
 from ..ops.plan import ReductionPlan, selection_plan
+from ..runtime.schedule import BudgetUnreachable, DecoderStage, Schedule, StageContext, StageRequest
 from .base import (
-    BudgetUnreachable, InnerStage, Schedule, StageContext, StageRequest, check_budget, check_ratio_reachable,
-    check_stage_layer, check_type, first_layers, is_int, mean_budget, tokens_after,
+    check_budget, check_ratio_reachable, check_stage_layer, check_type, first_layers, is_int, mean_budget,
+    tokens_after,
 )
 
 
@@ -93,7 +94,7 @@ class DART:
     """Before decoder layer K, keep the image tokens least duplicated by a few pivot tokens.
 
     Paper: https://arxiv.org/abs/2502.11494 (EMNLP 2025), "Stop Looking for Important Tokens in
-    Multimodal Language Models: Duplication Matters More". Definition: BASELINES.md.
+    Multimodal Language Models: Duplication Matters More". As implemented here: docs/methods.md, "DART".
 
     Reads layer K-1's keys after RoPE (its own input layernorm, k_proj and rotary on its input, heads
     concatenated, GQA keys not repeated; see `pivot_keys` for the positions) and layer K-1's output
@@ -116,6 +117,8 @@ class DART:
 
     Families: every family (LLaVA-1.5; LLaVA-NeXT/OneVision, whose image newlines are always kept and
     are neither candidates nor pivots; Qwen2/2.5/3-VL with M-RoPE, per image or video frame group).
+    On Qwen3-VL the cut must come after its deepstack layers (`layer=4` or later on
+    the released models, which add 3); the default is refused there with that fix.
 
     Attributes:
         layer: K, the first decoder layer that sees the pruned sequence (1 <= K < L).
@@ -153,11 +156,11 @@ class DART:
             )
         return kept
 
-    def schedule(self, num_layers: int, family_defaults: dict) -> Schedule:
+    def schedule(self, num_layers: int, model_type: str = "") -> Schedule:
         k = self.layer
         check_stage_layer(k, num_layers)
         check_ratio_reachable("DART", self.ratio, k, num_layers, "raise the ratio or lower layer")
-        stage = InnerStage(k, lambda n: self.kept_after(n, num_layers), self._plan, name="dart",
+        stage = DecoderStage(k, lambda n: self.kept_after(n, num_layers), self._plan, name="dart",
                            reads_previous_layer=True, flops=self._flops)
         return Schedule(num_layers, lambda n: n, stages=(stage,), min_keep=self.pivots // 2)
 

@@ -7,7 +7,8 @@ import torch
 
 from ..ops.divprune import divprune_flops, divprune_select
 from ..ops.plan import ReductionPlan, selection_plan
-from .base import InnerStage, Schedule, StageContext, StageRequest, check_budget, grouped_plans, mean_budget
+from ..runtime.schedule import DecoderStage, Schedule, StageContext, StageRequest
+from .base import check_budget, grouped_plans, kept_tokens
 
 
 @dataclass(frozen=True)
@@ -44,14 +45,14 @@ class DivPrune:
 
     def keep(self, n: int) -> int:
         """Tokens kept of an image of n tokens."""
-        return min(n, round(mean_budget(self.budget, self.ratio, n)))
+        return kept_tokens(self.budget, self.ratio, n)
 
-    def schedule(self, num_layers: int, family_defaults: dict) -> Schedule:
+    def schedule(self, num_layers: int, model_type: str = "") -> Schedule:
         def select(x: torch.Tensor, keep: int) -> ReductionPlan:
             return selection_plan(divprune_select(x, keep))
 
         def plan(ctx: StageContext, requests: list[StageRequest]) -> list[ReductionPlan]:
             return grouped_plans(requests, lambda r: ctx.hidden[r.row, r.positions], select)
 
-        stage = InnerStage(0, self.keep, plan, name="divprune", vision_side=True, flops=divprune_flops)
+        stage = DecoderStage(0, self.keep, plan, name="divprune", vision_side=True, flops=divprune_flops)
         return Schedule(num_layers, lambda n: n, stages=(stage,))

@@ -3,35 +3,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from ..attention import last_query_attention
+from ..attention import last_query_attention, last_query_attention_flops
 from ..ops.plan import ReductionPlan
 from ..ops.topk import top_scores_plan
+from ..runtime.schedule import BudgetUnreachable, DecoderStage, Schedule, StageContext, StageRequest
 from .base import (
-    BudgetUnreachable, InnerStage, Schedule, StageContext, StageRequest, check_budget, check_ratio_reachable,
-    check_stage_layer, check_type, first_layers, is_int, mean_budget, tokens_after,
+    check_budget, check_ratio_reachable, check_stage_layer, check_type, first_layers, is_int, mean_budget,
+    tokens_after,
 )
-
-
-def last_token_attention(layer: torch.nn.Module, hidden: torch.Tensor, rotary, valid: torch.Tensor) -> torch.Tensor:
-    """Attention of each row's last prompt token over its rows at `layer` (softmax per head in
-    float32, mean over heads), computed outside the kernel so the model keeps SDPA/FlashAttention.
-    The last position must be the last prompt token: the runtime checks that no row ends in padding
-    before the first decoder layer (`InnerStage.reads_last_token`).
-
-    Args:
-        hidden: (B, S, D), the layer's input; rotary: its (cos, sin); valid: (B, S) bool.
-    Returns:
-        (B, S) float32.
-    """
-    return last_query_attention(layer, hidden, rotary, valid)
-
-
-def last_token_attention_flops(n: int, keep: int, width: int) -> int:
-    """About, per image: the keys of its n rows (2 n D^2, an upper bound under grouped-query
-    attention), the last row's query (2 D^2) and that query's logits over the n rows (2 n D)."""
-    return 2 * n * width * width + 2 * width * width + 2 * n * width
 
 
 @dataclass(frozen=True)
@@ -61,7 +40,8 @@ class FastV:
     raise it, lower `layer`, or give `kept=`. `ratio=1.0` keeps everything.
 
     Families: any decoder stack (LLaVA-1.5, LLaVA-NeXT with its image newlines always kept, Qwen2/
-    2.5/3-VL with the M-RoPE cos/sin rows of the kept tokens, as LightCompress does).
+    2.5/3-VL with the M-RoPE cos/sin rows of the kept tokens, as LightCompress does). On Qwen3-VL the cut must come after its deepstack layers (`layer=4` or later on
+    the released models, which add 3); the default is refused there with that fix.
 
     Attributes:
         layer: K, the first decoder layer that sees the cut sequence (1 <= K < L); the score is
@@ -105,16 +85,16 @@ class FastV:
             )
         return round(exact)
 
-    def schedule(self, num_layers: int, family_defaults: dict) -> Schedule:
+    def schedule(self, num_layers: int, model_type: str = "") -> Schedule:
         k = self.layer
         check_stage_layer(k, num_layers)
         check_ratio_reachable("FastV", self.ratio, k, num_layers, "raise the ratio, lower layer, or give kept=")
 
         def plan(ctx: StageContext, requests: list[StageRequest]) -> list[ReductionPlan]:
             hidden, rotary = ctx.previous
-            scores = last_token_attention(ctx.layers[k - 1], hidden, rotary, ctx.valid)  # (B, S), once for all
+            scores = last_query_attention(ctx.layers[k - 1], hidden, rotary, ctx.valid)  # (B, S), once for all
             return [top_scores_plan(scores[r.row, r.positions][None], r.keep) for r in requests]
 
-        stage = InnerStage(k, lambda n: self.kept_after(n, num_layers), plan, name="fastv", reads_previous_layer=True,
-                           reads_last_token=True, flops=last_token_attention_flops)
+        stage = DecoderStage(k, lambda n: self.kept_after(n, num_layers), plan, name="fastv", reads_previous_layer=True,
+                           reads_last_token=True, flops=last_query_attention_flops)
         return Schedule(num_layers, lambda n: n, stages=(stage,))

@@ -4,13 +4,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+from ..attention import last_query_attention, last_query_attention_flops
 from ..ops.plan import ReductionPlan
 from ..ops.topk import top_scores_plan
-from .base import (
-    BudgetUnreachable, InnerStage, Schedule, StageContext, StageRequest, check_budget, check_type, is_int, is_real,
-    mean_budget, type_name,
-)
-from .fastv import last_token_attention, last_token_attention_flops
+from ..runtime.schedule import BudgetUnreachable, DecoderStage, Schedule, StageContext, StageRequest
+from .base import check_budget, check_type, is_int, is_real, mean_budget, type_name
 
 STAGES = 3  # drops in the default schedule, as the authors'
 EARLIEST = 2  # the default first drop is no earlier than FastV's layer 2
@@ -139,7 +137,8 @@ class PDrop:
     ValueError. `ratio=1.0` keeps everything.
 
     Families: any decoder stack. Not supported on Qwen2.5-VL by its authors; here it runs there too,
-    scoring with the layer's M-RoPE cos/sin rows of the current tokens.
+    scoring with the layer's M-RoPE cos/sin rows of the current tokens. On Qwen3-VL the first drop
+    must come after its deepstack layers (`layers=` from 4 on the released models, which add 3).
 
     Attributes:
         layers: the drop boundaries (layer l is the first that sees a drop's result), strictly
@@ -187,7 +186,7 @@ class PDrop:
             return [max(1, int(n * self.lambda_ ** (s + 1))) for s in range(len(layers))]
         return stage_counts(n, mean_budget(self.budget, self.ratio, n), layers, num_layers, self.lambda_)
 
-    def schedule(self, num_layers: int, family_defaults: dict) -> Schedule:
+    def schedule(self, num_layers: int, model_type: str = "") -> Schedule:
         layers = self.boundaries(num_layers)
         if not layers:
             if self.ratio == 1.0:
@@ -201,12 +200,12 @@ class PDrop:
         counts = lru_cache(maxsize=64)(lambda n: tuple(self.counts(n, num_layers)))
 
         def plan(ctx: StageContext, requests: list[StageRequest]) -> list[ReductionPlan]:
-            scores = last_token_attention(ctx.layers[ctx.layer], ctx.hidden, ctx.rotary, ctx.valid)  # (B, S)
+            scores = last_query_attention(ctx.layers[ctx.layer], ctx.hidden, ctx.rotary, ctx.valid)  # (B, S)
             return [top_scores_plan(scores[r.row, r.positions][None], r.keep) for r in requests]
 
         stages = tuple(
-            InnerStage(layer, lambda n, s=s: counts(n)[s], plan, name=f"drop{s + 1}", reads_last_token=True,
-                       flops=last_token_attention_flops)
+            DecoderStage(layer, lambda n, s=s: counts(n)[s], plan, name=f"drop{s + 1}", reads_last_token=True,
+                       flops=last_query_attention_flops)
             for s, layer in enumerate(layers)
         )
         return Schedule(num_layers, lambda n: n, stages=stages)

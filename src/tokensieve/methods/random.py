@@ -6,7 +6,8 @@ from dataclasses import dataclass
 import torch
 
 from ..ops.plan import ReductionPlan, selection_plan
-from .base import InnerStage, Schedule, StageContext, StageRequest, check_budget, check_type, is_int, mean_budget
+from ..runtime.schedule import DecoderStage, Schedule, StageContext, StageRequest
+from .base import check_budget, check_type, is_int, kept_tokens
 
 
 @dataclass(frozen=True)
@@ -50,16 +51,16 @@ class Random:
 
     def keep(self, n: int) -> int:
         """Tokens kept of an image of n tokens."""
-        return min(n, round(mean_budget(self.budget, self.ratio, n)))
+        return kept_tokens(self.budget, self.ratio, n)
 
     def subset(self, n: int, keep: int) -> torch.Tensor:
         """(keep,) long ascending: the kept indices of an image of n tokens."""
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + n)
         return torch.randperm(n, generator=generator)[:keep].sort().values
 
-    def schedule(self, num_layers: int, family_defaults: dict) -> Schedule:
+    def schedule(self, num_layers: int, model_type: str = "") -> Schedule:
         def plan(ctx: StageContext, requests: list[StageRequest]) -> list[ReductionPlan]:
             return [selection_plan(self.subset(r.positions.numel(), r.keep)[None]) for r in requests]
 
-        stage = InnerStage(0, self.keep, plan, name="random", vision_side=True)
+        stage = DecoderStage(0, self.keep, plan, name="random", vision_side=True)
         return Schedule(num_layers, lambda n: n, stages=(stage,))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ops.plan import ReductionPlan, selection_plan
-from .base import InnerStage, Schedule, StageContext, StageRequest
+from ..runtime.schedule import DecoderStage, Schedule, StageContext, StageRequest
 
 
 @dataclass(frozen=True, eq=False)
@@ -70,17 +70,17 @@ class Replay:
         recorded = tuple((key, index.detach().cpu().clone()) for key, index in stats.plans)
         return cls(kept=kept, sizes=sizes, source=handle.schedule, recorded=recorded)
 
-    def schedule(self, num_layers: int, family_defaults: dict) -> Schedule:
+    def schedule(self, num_layers: int, model_type: str = "") -> Schedule:
         if num_layers != self.source.num_layers:
             raise ValueError(
                 f"the replayed schedule was made for {self.source.num_layers} decoder layers, this model has {num_layers}"
             )
         plans = _ReplayPlans(self._queues())
         stages = tuple(
-            InnerStage(stage.layer, stage.keep, plans.stage_plan(stage.name), name=stage.name)
+            DecoderStage(stage.layer, stage.keep, plans.stage_plan(stage.name), name=stage.name)
             for stage in self.source.stages
         )
-        return Schedule(num_layers, self.source.stage1_keep, plans, stages=stages)
+        return Schedule(num_layers, self.source.vision_keep, plans, stages=stages)
 
     def _queues(self) -> dict[tuple[str, int, int], list[torch.Tensor]]:
         """(stage, input size N, kept count) -> the (keep,) plan indices of each reduced item, in order.

@@ -7,8 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import project, rotate
+from ..ops.alvts import CHUNK_ELEMENTS
 from ..ops.plan import ReductionPlan, selection_plan
-from .base import Schedule, check_budget, check_type, is_real, mean_budget
+from ..runtime.schedule import Schedule
+from .base import check_budget, check_type, is_real, kept_tokens
 
 AUTHORS_CONTEXTUAL = 10 / 64  # 64 = 54 + 10, 128 = 108 + 20, 192 = 162 + 30 (and per NeXT crop: 32 = 27 + 5)
 
@@ -71,7 +73,7 @@ def merge_weights(n: int, dominant, targets, others, owner) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------- reading the vision layer
-def received_attention(q: torch.Tensor, k: torch.Tensor, scale: float, chunk_elements: int = 1 << 21) -> torch.Tensor:
+def received_attention(q: torch.Tensor, k: torch.Tensor, scale: float, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """Attention each row receives: softmax per head, mean over heads, sum over query rows.
 
     q, k: (H, s, d) float32 of one attention segment. Returns (s,). Computed in chunks of query rows
@@ -208,7 +210,7 @@ class VisionZip:
     """Keep the tokens the vision encoder attends to most; merge the rest into a few contextual tokens.
 
     Paper: https://arxiv.org/abs/2412.04467 (CVPR 2025), "VisionZip: Longer is Better but Not
-    Necessary in Vision Language Models". Definition: BASELINES.md.
+    Necessary in Vision Language Models". As implemented here: docs/methods.md, "VisionZip".
 
     Acts on the vision side (stage 1), on the features the family reduces, which must all come from one
     encoder layer (`Family.vision_feature_layer`: LLaVA's vision_feature_layer, -2 = layer 22 of 24;
@@ -268,17 +270,17 @@ class VisionZip:
     def share(self) -> float:
         return AUTHORS_CONTEXTUAL if self.contextual is None else self.contextual
 
-    def schedule(self, num_layers: int, family_defaults: dict) -> Schedule:
+    def schedule(self, num_layers: int, model_type: str = "") -> Schedule:
         reader = VisionReader()
 
         def keep(n: int) -> int:
-            return min(n, round(mean_budget(self.budget, self.ratio, n)))
+            return kept_tokens(self.budget, self.ratio, n)
 
         def plan(x: torch.Tensor, keep: int, stage: str = "stage1") -> ReductionPlan:
             score, keys = reader.scores_keys(x)
             return dominant_contextual_plan(score, keys, keep, contextual_count(keep, self.share))
 
-        return Schedule(num_layers, keep, plan, plan_flops=self._flops, install=reader.install)
+        return Schedule(num_layers, keep, plan, vision_plan_flops=self._flops, install=reader.install)
 
     def _flops(self, n: int, keep: int, width: int) -> int:
         """About: the keys and score row of the read layer (2 n D^2 + 2 n D), the similarities of the

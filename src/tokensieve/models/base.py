@@ -6,9 +6,10 @@ from typing import Any
 
 import torch
 
-from ..methods.base import InnerStage, Schedule, StageContext, StageRequest
 from ..ops.plan import ReductionPlan
 from ..runtime.hooks import HookSet
+from ..runtime.port import FamilyPort
+from ..runtime.schedule import DecoderStage, Schedule, StageContext, StageRequest
 from ..runtime.sequence import RowSelection
 
 
@@ -31,7 +32,7 @@ class ModelParts:
 
 @dataclass(frozen=True)
 class VisionLayer:
-    """The vision encoder layer behind the features a family's stage 1 reduces (VisionZip reads it).
+    """The vision encoder layer behind the vision-side features (for methods that read its attention).
 
     Attributes:
         layer: the encoder layer whose output the features come from; its input gives the attention
@@ -52,11 +53,10 @@ class VisionLayer:
 class Family:
     """A model family: where the visual tokens are made, and which placeholder tokens hold them.
 
-    Subclasses set `model_types`, `apet_defaults` and implement `install_stage1`.
+    Subclasses set `model_types` and implement `install_vision_side`.
     """
 
     model_types: tuple[str, ...] = ()
-    apet_defaults: dict = {}
 
     def parts(self, model: torch.nn.Module) -> ModelParts:
         outer = model.model
@@ -94,12 +94,13 @@ class Family:
             positions[modality] = (inputs_embeds == row).all(-1)
         return positions
 
-    def install_stage1(self, model: torch.nn.Module, session: Any, hooks: HookSet) -> None:
+    def install_vision_side(self, model: torch.nn.Module, port: FamilyPort, hooks: HookSet) -> None:
         raise NotImplementedError
 
     def vision_feature_layer(self, model: torch.nn.Module) -> VisionLayer | None:
-        """The vision layer behind the stage-1 features, or None where this family names none (VisionZip
-        then refuses the model). May raise ValueError saying why this model's layer cannot be read."""
+        """The vision layer behind the vision-side features, or None where this family names none (a
+        method that reads it then refuses the model). May raise ValueError saying why this model's layer
+        cannot be read."""
         return None
 
     def gather_language_kwargs(self, kwargs: dict, selection: RowSelection) -> None:
@@ -126,18 +127,18 @@ def keep_mask(kept_index: torch.Tensor, n: int) -> torch.Tensor:
 
 def stage0_on_vision_side(schedule: Schedule) -> Schedule:
     """The schedule with its stage before decoder layer 0 run as the vision-side stage 1, when that
-    stage reads only each item's own rows (`InnerStage.vision_side`) and the schedule has no stage 1.
+    stage reads only each item's own rows (`DecoderStage.vision_side`) and the schedule has no stage 1.
 
     The visual rows entering layer 0 are the features stage 1 sees, so the selection is the same.
     """
     first = schedule.stage_at(0)
-    if first is None or not first.vision_side or schedule.plan is not None:
+    if first is None or not first.vision_side or schedule.vision_plan is not None:
         return schedule
-    return replace(schedule, stage1_keep=first.keep, plan=_vision_side_plan(first), plan_flops=first.flops,
+    return replace(schedule, vision_keep=first.keep, vision_plan=_vision_side_plan(first), vision_plan_flops=first.flops,
                    stages=tuple(stage for stage in schedule.stages if stage is not first))
 
 
-def _vision_side_plan(stage: InnerStage):
+def _vision_side_plan(stage: DecoderStage):
     def plan(x: torch.Tensor, keep: int, name: str = "stage1") -> ReductionPlan:
         """x (G, n, D) -> one plan of G rows keeping `keep` each, from the stage's own plan function."""
         positions = torch.arange(x.shape[1], device=x.device)

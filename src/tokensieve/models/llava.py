@@ -6,6 +6,7 @@ from typing import Any
 import torch
 
 from ..runtime.hooks import HookSet
+from ..runtime.port import FamilyPort
 from ..runtime.state import VisualItem
 from .base import Family, VisionLayer, keep_mask, scatter_rows, square_grid
 
@@ -17,17 +18,21 @@ def clip_feature_layer(tower: torch.nn.Module, feature_layer: Any, strategy: str
     is layer 22. ValueError for several feature layers, the embeddings, or a CLS token handed on as a feature.
     """
     if not isinstance(feature_layer, int):
-        raise ValueError(f"VisionZip reads one vision layer; this model concatenates layers {feature_layer}")
+        raise ValueError(
+            f"reading the vision attention needs one feature layer; this model concatenates layers {feature_layer}"
+        )
     body = getattr(tower, "vision_model", tower)  # a *VisionModel wraps the *VisionTransformer
     layers = body.encoder.layers
     index = feature_layer % (len(layers) + 1) - 1
     if index < 0:
-        raise ValueError("VisionZip needs an encoder layer; vision_feature_layer selects the patch embeddings")
+        raise ValueError(
+            "reading the vision attention needs an encoder layer; vision_feature_layer selects the patch embeddings"
+        )
     cls = hasattr(body.embeddings, "class_embedding")
     if cls and strategy != "default":
         raise ValueError(
-            f"VisionZip scores the patches by the CLS token, which vision_feature_select_strategy={strategy!r} "
-            "hands to the language model as a feature; use 'default'"
+            "reading the CLS token's attention needs it left out of the features, but "
+            f"vision_feature_select_strategy={strategy!r} hands it to the language model as a feature; use 'default'"
         )
     return VisionLayer(layer=layers[index], output=layers[index], cls=cls)
 
@@ -35,33 +40,32 @@ def clip_feature_layer(tower: torch.nn.Module, feature_layer: Any, strategy: str
 class LlavaFamily(Family):
     """The projector receives (I, N, D_vision) features (CLS already removed by the default strategy).
 
-    A pre-hook on the projector reduces them to (I, k, D_vision) (ApET merges in that space), a
+    A pre-hook on the projector reduces them to (I, k, D_vision) (a merging method merges in that space), a
     post-hook puts the projected (I, k, D_text) rows back at their places in a zero (I, N, D_text)
     tensor so the model's placeholder check holds; the language model's entry then drops the rows
     that were not kept.
     """
 
     model_types = ("llava",)
-    apet_defaults = {"basis_blend": 1.0}
 
     def nominal_tokens(self, config: Any) -> int | None:
         vision = config.vision_config
         n = (vision.image_size // vision.patch_size) ** 2
         return n if config.vision_feature_select_strategy == "default" else n + 1
 
-    def install_stage1(self, model: torch.nn.Module, session: Any, hooks: HookSet) -> None:
+    def install_vision_side(self, model: torch.nn.Module, port: FamilyPort, hooks: HookSet) -> None:
         pending: list = []
 
         def reduce(module, args, kwargs):
             features = args[0] if args else kwargs["image_features"]
-            session.begin_items("image")
+            port.begin_items("image")
             pending.clear()
             count, n = features.shape[:2]
-            keep = session.stage1_keep(n)
-            plans = session.plan_items(list(features), [keep] * count)
+            keep = port.keep(n)
+            plans = port.plan_items(list(features), [keep] * count)
             for plan in plans:
                 kept = plan.kept_index[0] if plan is not None else torch.arange(n, device=features.device)
-                session.add_item(VisualItem("image", keep_mask(kept, n), grid=square_grid(n)))
+                port.add_item(VisualItem("image", keep_mask(kept, n), grid=square_grid(n)))
             if plans[0] is None:
                 return None
             pending.append((plans, n))

@@ -16,6 +16,7 @@ import torch
 from transformers.models.llava_next import modeling_llava_next
 
 from ..runtime.hooks import HookSet
+from ..runtime.port import FamilyPort
 from ..runtime.state import VisualItem
 from .base import Family, VisionLayer
 from .llava import clip_feature_layer
@@ -195,7 +196,6 @@ class AnyResFamily(Family):
     reduced after packing, in the projected space, as one part.
     """
 
-    apet_defaults = {"basis_blend": 1.0}
     helpers: Any = modeling_llava_next
 
     # ------------------------------------------------------------------ per-family details
@@ -218,23 +218,23 @@ class AnyResFamily(Family):
         if not isinstance(model.config.image_grid_pinpoints, list):
             raise ValueError("config.image_grid_pinpoints must be a list of [height, width] resolutions")
 
-    def install_stage1(self, model: torch.nn.Module, session: Any, hooks: HookSet) -> None:
+    def install_vision_side(self, model: torch.nn.Module, port: FamilyPort, hooks: HookSet) -> None:
         outer = model.model
         state: dict[str, _Encoding | None] = {"encoding": None}
-        hooks.wrap_method(outer, "get_image_features", lambda fn: self._encode_wrapper(model, session, state, fn))
-        hooks.pre(outer.multi_modal_projector, lambda m, a, k: self._reduce(session, state["encoding"], a, k))
+        hooks.wrap_method(outer, "get_image_features", lambda fn: self._encode_wrapper(model, port, state, fn))
+        hooks.pre(outer.multi_modal_projector, lambda m, a, k: self._reduce(port, state["encoding"], a, k))
         hooks.post(outer.multi_modal_projector, lambda m, a, k, out: self._restore(state["encoding"], out))
-        hooks.wrap_method(outer, "pack_image_features", lambda fn: self._pack_wrapper(session, state, fn))
+        hooks.wrap_method(outer, "pack_image_features", lambda fn: self._pack_wrapper(port, state, fn))
         self._wrap_other_encoders(model, hooks)
 
     # ------------------------------------------------------------------ get_image_features
-    def _encode_wrapper(self, model, session, state: dict, original: Callable) -> Callable:
+    def _encode_wrapper(self, model, port, state: dict, original: Callable) -> Callable:
         signature = inspect.signature(original)
 
         def wrapper(*args, **kwargs):
             arguments = signature.bind(*args, **kwargs).arguments
-            session.begin_items("image")
-            state["encoding"] = self._plan_encoding(model, session, arguments)
+            port.begin_items("image")
+            state["encoding"] = self._plan_encoding(model, port, arguments)
             try:
                 return original(*args, **kwargs)
             finally:
@@ -242,7 +242,7 @@ class AnyResFamily(Family):
 
         return wrapper
 
-    def _plan_encoding(self, model, session, arguments: dict) -> _Encoding:
+    def _plan_encoding(self, model, port, arguments: dict) -> _Encoding:
         """Layouts and per-crop keeps of every image in this call."""
         vision = model.config.vision_config
         side = vision.image_size // vision.patch_size
@@ -251,12 +251,12 @@ class AnyResFamily(Family):
         for size, count in zip(arguments["image_sizes"], crops):
             layout = packed_layout(side, count, size.tolist() if torch.is_tensor(size) else size,
                                    model.config.image_grid_pinpoints, vision.image_size, max_tiles, self.helpers)
-            images.append(_Image(layout, first, self._parts(session, layout, first)))
+            images.append(_Image(layout, first, self._parts(port, layout, first)))
             first += count
         return _Encoding(images, side * side)
 
     @staticmethod
-    def _parts(session, layout: PackedLayout, first_crop: int) -> list[_Part]:
+    def _parts(port, layout: PackedLayout, first_crop: int) -> list[_Part]:
         """The image's parts (each crop's surviving tokens, or the resized tile grid) with their keeps."""
         parts = []
         for crop in range(layout.position.shape[0]):
@@ -265,15 +265,15 @@ class AnyResFamily(Family):
                 parts.append(_Part(first_crop + crop, index, 0))
         if layout.resized.any():
             parts.append(_Part(None, layout.resized.nonzero().flatten(), 0))
-        keep = session.stage1_keep(layout.budget_tokens)
-        keeps = split_keep(keep, [p.index.numel() for p in parts], session.schedule.min_keep)
+        keep = port.keep(layout.budget_tokens)
+        keeps = split_keep(keep, [p.index.numel() for p in parts], port.min_keep)
         for part, part_keep in zip(parts, keeps):
             part.keep = part_keep
         return parts
 
     # ------------------------------------------------------------------ projector hooks
     @staticmethod
-    def _reduce(session, encoding: _Encoding | None, args: tuple, kwargs: dict):
+    def _reduce(port, encoding: _Encoding | None, args: tuple, kwargs: dict):
         """Pre-hook: (C, N, D_vision) features -> (1, T, D_vision) kept (and merged) rows."""
         if encoding is None:
             return None
@@ -285,7 +285,7 @@ class AnyResFamily(Family):
             )
         parts = [p for image in encoding.images for p in image.parts if p.crop is not None]
         inputs = [features[p.crop, p.index.to(features.device)] for p in parts]
-        plans = session.plan_items(inputs, [p.keep for p in parts])
+        plans = port.plan_items(inputs, [p.keep for p in parts])
         for part, plan in zip(parts, plans):
             part.kept = plan.kept_index[0].cpu() if plan is not None else torch.arange(part.index.numel())
         if all(plan is None for plan in plans):
@@ -325,16 +325,16 @@ class AnyResFamily(Family):
         return full.index_copy(0, index, output[0]).view(encoding.crops, encoding.crop_tokens, -1)
 
     # ------------------------------------------------------------------ packing
-    def _pack_wrapper(self, session, state: dict, original: Callable) -> Callable:
+    def _pack_wrapper(self, port, state: dict, original: Callable) -> Callable:
         def wrapper(*args, **kwargs):
             features, lengths = original(*args, **kwargs)
             encoding = state["encoding"]
             if encoding is None:
                 return features, lengths
             self._check_lengths(encoding, features)
-            features = self._reduce_resized(session, encoding, list(features))
+            features = self._reduce_resized(port, encoding, list(features))
             for image, packed in zip(encoding.images, features):
-                session.add_item(self._item(image, packed))
+                port.add_item(self._item(image, packed))
             return features, lengths
 
         return wrapper
@@ -350,14 +350,14 @@ class AnyResFamily(Family):
                 )
 
     @staticmethod
-    def _reduce_resized(session, encoding: _Encoding, features: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _reduce_resized(port, encoding: _Encoding, features: list[torch.Tensor]) -> list[torch.Tensor]:
         """Reduce the interpolated tile tokens of resized images in the projected space.
 
         features: per image, its (P, D_text) packed tokens; returns them with the kept rows replaced.
         """
         members = [(i, p) for i, image in enumerate(encoding.images) for p in image.parts if p.crop is None]
         inputs = [features[i][p.index.to(features[i].device)] for i, p in members]
-        plans = session.plan_items(inputs, [p.keep for _, p in members])
+        plans = port.plan_items(inputs, [p.keep for _, p in members])
         for (i, part), plan in zip(members, plans):
             if plan is None:
                 part.kept = torch.arange(part.index.numel())

@@ -9,9 +9,9 @@ the 2-D mask and every row of the M-RoPE position ids (3 rows, or 4 with generat
 so each kept token keeps its original 3-D position and the gaps stay.
 
 Videos: stage 1 runs per temporal frame group (grid t), spatially only, with no merging across
-frames: each frame group of n_f tokens keeps `stage1_keep(n_f)` of them. The whole video is ONE
-`VisualItem` whose keep mask concatenates its frames; stage 2 (inside the language model) sees it
-as one item of t * n_f tokens and therefore may select across frames.
+frames: each frame group of n_f tokens keeps `port.keep(n_f)` of them. The whole video is ONE
+`VisualItem` whose keep mask concatenates its frames, with one segment per frame group; a stage
+before a decoder layer reduces each segment on its own too (per frame, never across frames).
 
 Qwen3-VL deepstack: the vision tower also returns `deepstack_features` (per deepstack layer, one
 (n_i, D) tensor per item) that the language model adds to the visual rows of its first decoder
@@ -31,10 +31,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..methods.base import Schedule
 from ..ops.plan import ReductionPlan
 from ..runtime.compat import cache_in
 from ..runtime.hooks import HookSet
+from ..runtime.port import FamilyPort
+from ..runtime.schedule import Schedule
 from ..runtime.sequence import RowSelection
 from ..runtime.state import VisualItem
 from .base import Family, VisionLayer, keep_mask, scatter_rows, stage0_on_vision_side
@@ -93,7 +94,7 @@ def selected_positions(selection: RowSelection, length: int) -> torch.Tensor:
     return selected.scatter_(1, index, True)[:, :length]
 
 
-def decode_positions_hook(session: Any) -> Callable:
+def decode_positions_hook(port: FamilyPort) -> Callable:
     """Pre-hook on the outer model: original M-RoPE positions for a decoding step given neither
     position_ids nor attention_mask (a hand-written loop; generate always passes both).
 
@@ -102,14 +103,13 @@ def decode_positions_hook(session: Any) -> Callable:
     """
 
     def hook(module, args, kwargs):
-        state, cache = session.sequence, cache_in(kwargs)
-        if state is None or cache is None or cache.get_seq_length() == 0 or module.rope_deltas is None:
+        start = port.tokens_behind(cache_in(kwargs))  # None unless this handle's compressed cache
+        if start is None or module.rope_deltas is None:
             return None
         if args or kwargs.get("position_ids") is not None or kwargs.get("attention_mask") is not None:
             return None
         tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
         batch, queries = tokens.shape[:2]
-        start = state.original_length + state.decoded
         positions = torch.arange(start, start + queries, device=tokens.device).expand(3, batch, queries)
         deltas = module.rope_deltas.repeat_interleave(batch // module.rope_deltas.shape[0], dim=0)
         return args, {**kwargs, "position_ids": positions + deltas.to(tokens.device)}
@@ -128,7 +128,6 @@ class QwenVLFamily(Family):
     """Qwen2-VL and Qwen2.5-VL: stage 1 on the merger's output, per image and per video frame group."""
 
     model_types = ("qwen2_vl", "qwen2_5_vl")
-    apet_defaults = {"basis_blend": 0.5}  # the paper's Qwen2.5-VL reference blends basis and own features
 
     def token_ids(self, config: Any) -> dict[str, int]:
         return {"image": config.image_token_id, "video": config.video_token_id}
@@ -141,14 +140,14 @@ class QwenVLFamily(Family):
                 "sequence gets full causal masks only); load it with use_sliding_window=False"
             )
 
-    def install_stage1(self, model: torch.nn.Module, session: Any, hooks: HookSet) -> None:
+    def install_vision_side(self, model: torch.nn.Module, port: FamilyPort, hooks: HookSet) -> None:
         outer = model.model
         merge = outer.config.vision_config.spatial_merge_size
         reentry = _Reentry()
         for modality in ("image", "video"):
-            make = self._wrapper_factory(modality, merge, session, reentry)
+            make = self._wrapper_factory(modality, merge, port, reentry)
             hooks.wrap_method(outer, f"get_{modality}_features", make)
-        hooks.pre(outer, decode_positions_hook(session))
+        hooks.pre(outer, decode_positions_hook(port))
 
     def vision_feature_layer(self, model: torch.nn.Module) -> VisionLayer:
         """The last ViT block; the features are its patch merger's rows (one per 2x2 group of block rows)."""
@@ -156,7 +155,7 @@ class QwenVLFamily(Family):
         merge = model.config.vision_config.spatial_merge_size
         return VisionLayer(layer=visual.blocks[-1], output=visual.merger, cls=False, group=merge * merge)
 
-    def _wrapper_factory(self, modality: str, merge: int, session: Any, reentry: _Reentry) -> Callable:
+    def _wrapper_factory(self, modality: str, merge: int, port: FamilyPort, reentry: _Reentry) -> Callable:
         def make_wrapper(original: Callable) -> Callable:
             def wrapper(*args, **kwargs):
                 if reentry.active:
@@ -170,14 +169,14 @@ class QwenVLFamily(Family):
                     output = original(*args, **{**kwargs, "return_dict": True})
                 finally:
                     reentry.active = False
-                self._stage1(output, grid_thw, merge, modality, session)
+                self._stage1(output, grid_thw, merge, modality, port)
                 return output.to_tuple() if as_tuple else output
 
             return wrapper
 
         return make_wrapper
 
-    def _stage1(self, output: Any, grid_thw: torch.Tensor, merge: int, modality: str, session: Any) -> None:
+    def _stage1(self, output: Any, grid_thw: torch.Tensor, merge: int, modality: str, port: FamilyPort) -> None:
         """Reduce every frame group of every item of `output` in place and record the items.
 
         output.pooler_output: tuple of (n_i, D), one per row of grid_thw (I, 3); deepstack_features
@@ -185,9 +184,9 @@ class QwenVLFamily(Family):
         """
         features = output.pooler_output
         deepstack = list(getattr(output, "deepstack_features", None) or [])
-        session.begin_items(modality)
+        port.begin_items(modality)
         spans = frame_spans(grid_thw, merge)
-        plans = self._plans(features, spans, session, modality)
+        plans = self._plans(features, spans, port, modality)
         output.pooler_output = tuple(reduce_frames(x, s, p) for x, s, p in zip(features, spans, plans))
         if deepstack:
             output.deepstack_features = [
@@ -197,11 +196,11 @@ class QwenVLFamily(Family):
             grid = (h // merge, w // merge) if t == 1 else None
             keep = frames_keep(item_spans, item_plans, x.device)
             segments = tuple(length for _, length in item_spans) if len(item_spans) > 1 else None
-            session.add_item(VisualItem(modality, keep, grid=grid, segments=segments))
+            port.add_item(VisualItem(modality, keep, grid=grid, segments=segments))
 
     @staticmethod
     def _plans(
-        features: Sequence[torch.Tensor], spans: list[list[Span]], session: Any, modality: str
+        features: Sequence[torch.Tensor], spans: list[list[Span]], port: FamilyPort, modality: str
     ) -> list[list[ReductionPlan | None]]:
         """Stage-1 plans per item and frame group (equal sizes are planned as one batch).
 
@@ -210,9 +209,9 @@ class QwenVLFamily(Family):
         for x, item_spans in zip(features, spans):
             check_spans(x.shape[0], item_spans)
         units = [(i, start, length) for i, item_spans in enumerate(spans) for start, length in item_spans]
-        flat = session.plan_items(
+        flat = port.plan_items(
             [features[i][start : start + length] for i, start, length in units],
-            [session.stage1_keep(length) for _, _, length in units],
+            [port.keep(length) for _, _, length in units],
             modality,
         )
         plans: list[list[ReductionPlan | None]] = [[] for _ in spans]
@@ -227,8 +226,8 @@ class Qwen3VLFamily(QwenVLFamily):
     The language model adds deepstack feature l to the output of decoder layer l (l < n_deepstack)
     at `visual_pos_masks`, computed for the sequence that entered it; a stage inside the language
     model (before layer K) must therefore come after the last addition: K >= n_deepstack + 1. A stage
-    before layer 0 that reads only the visual rows (Random, DivPrune) runs on the vision side instead.
-    Both are settled by `adapt_schedule` in `compress`, before any hook is placed (ApET's default
+    before layer 0 that reads only the visual rows (`DecoderStage.vision_side`) runs on the vision side instead.
+    Both are settled by `adapt_schedule` in `compress`, before any hook is placed (a stage at
     K = L // 2 meets it for the released models: 3 deepstack layers, 28 or more decoder layers).
     """
 

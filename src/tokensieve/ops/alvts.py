@@ -1,4 +1,4 @@
-"""ALVTS's importance score of each visual token from (approximate) attention, ALGORITHMS.md 2.1."""
+"""ALVTS's importance score of each visual token from (approximate) attention (docs/methods.md, "The ALVTS score")."""
 from __future__ import annotations
 
 import torch

@@ -1,6 +1,6 @@
 """ApET's operator: keep the tokens a few basis tokens cannot reconstruct, merge the rest into them.
 
-Spec: ALGORITHMS.md section 1.1 (arXiv 2602.19870).
+How it works and the choices it makes: docs/methods.md, "The ApET operator" (arXiv 2602.19870).
 """
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def apet_reduce(
     merge: bool = True,
     start: int | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reduce N tokens to `keep` by approximation error (ApET, ALGORITHMS.md 1.1).
+    """Reduce N tokens to `keep` by approximation error (ApET; docs/methods.md, "The ApET operator").
 
     1. `num_basis` basis tokens by farthest point sampling (first pick: `start`).
     2. Each token's ridge reconstruction error from the basis (float32).

@@ -1,11 +1,14 @@
-"""Per-layer routing (ALVTS): a layer runs on text + its selected visual rows; the rest skip it."""
+"""Per-layer routing: a layer runs on text + its selected visual rows; the rest skip it unchanged."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from ..methods.base import Schedule
+from .schedule import Schedule
+from .compat import cache_in
+from .recording import record_route
 from .sequence import RowSelection, compact_rows
 from .state import Level, VisualItem
 
@@ -44,7 +47,10 @@ def top_rows(scores: torch.Tensor, level: Level, items: list[VisualItem], layer:
     visual_per_row, slots = list(pinned), []
     for rows, item in zip(level.rows, items):
         batch_row, positions, pinned_positions = rows.batch_row, rows.unpinned, rows.pinned
-        k = schedule.count(lambda n: routing.keep(layer, n), item.budget_tokens, positions.numel())
+        budget = lambda n: routing.keep(layer, n)  # noqa: E731
+        k = schedule.count(budget, item.budget_tokens, positions.numel())
+        if k > schedule.asked(budget, item.budget_tokens, positions.numel()):
+            item.floored.add(f"layer{layer}")
         chosen = positions[scores[batch_row, positions].argsort(descending=True, stable=True)[:k]]
         keep[batch_row, chosen] = True
         slots.append(level.slot[batch_row, torch.cat([chosen, pinned_positions])].sort().values)
@@ -72,5 +78,62 @@ def scatter_back(full: torch.Tensor, output: torch.Tensor, selection: RowSelecti
     return merged[: batch * length].view(batch, length, width)
 
 
-def route_selection(keep: torch.Tensor) -> RowSelection:
-    return compact_rows(keep)
+class Router:
+    """The pre- and post-hooks of the routed layers (present only when the schedule routes)."""
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+
+    def route(self, index: int, layer, level: Level, hidden: torch.Tensor, args, kwargs: dict, prefill: bool):
+        session = self.session
+        cache = cache_in(kwargs)
+        if not prefill:
+            route = session.routes[index]
+            mask = session.layers.decode_mask(hidden, route.selection.gather_mask(level.mask), cache, index)
+            return args, {**kwargs, "attention_mask": mask}
+        route = self._choose(index, layer, level, hidden, kwargs)
+        session.routes[index] = route
+        selection = route.selection
+        narrowed = selection.gather(hidden, 1)
+        out = dict(kwargs)
+        out["attention_mask"] = session.layers.causal_mask(narrowed, selection.gather_mask(level.mask), cache, index, route.padded)
+        out["position_embeddings"] = tuple(selection.gather(t, -2) for t in kwargs["position_embeddings"])
+        if kwargs.get("position_ids") is not None:
+            out["position_ids"] = selection.gather(kwargs["position_ids"], -1)
+        record_route(session.stats, index, level, route.visual_per_row, route.slots)
+        return ((narrowed,) + tuple(args[1:]), out) if args else (args, {**out, "hidden_states": narrowed})
+
+    def _choose(self, index: int, layer, level: Level, hidden: torch.Tensor, kwargs: dict) -> Route:
+        session = self.session
+        held = session.routes.get(index) if session.hold_routes else None
+        if held is not None and held.keep.shape[1] <= level.length:
+            extra = level.length - held.keep.shape[1]
+            keep = extend_keep(held.keep, level.length)
+            return Route(keep, compact_rows(keep, held.selection.length + extra), hidden, held.slots, held.visual_per_row,
+                         held.padded)
+        routing = session.schedule.routing
+        valid = level.selection.valid & level.mask.bool()
+        _, rows = level.counts()
+        items_per_row = session.stats.items_per_row(len(rows))
+        scores = routing.score(index, layer, hidden, kwargs["position_embeddings"], level.item, valid, max(items_per_row))
+        if routing.flops is not None:
+            session.stats.selection_flops += sum(
+                routing.flops(index, session.stats.widths, r, n) for r, n in zip(rows.tolist(), items_per_row))
+        choice = top_rows(scores, level, session.sequence.items, index, session.schedule)
+        pinned, fixed = level.fixed_counts()
+        lengths = [f + v - p for f, v, p in zip(fixed, choice.visual_per_row, pinned)]  # rows each batch row routes
+        padded = level.padded() or min(lengths) < max(lengths)
+        return Route(choice.keep, compact_rows(choice.keep, max(lengths)), hidden, choice.slots, choice.visual_per_row,
+                     padded)
+
+    def post_hook(self, index: int):
+        def hook(module, args, kwargs, output):
+            route = self.session.routes.get(index)
+            sequence = self.session.sequence
+            if sequence is None or sequence.decoded > 0 or route is None or route.full_hidden is None:
+                return None
+            hidden = output[0] if isinstance(output, tuple) else output
+            merged = scatter_back(route.full_hidden, hidden, route.selection)
+            route.full_hidden = None
+            return (merged,) + tuple(output[1:]) if isinstance(output, tuple) else merged
+        return hook

@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                           LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
 
-from bench.vlm import scenes
+from . import scenes
 
 IMAGE_TOKEN = "<image>"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the processor normalisation of LLaVA-1.5's CLIP

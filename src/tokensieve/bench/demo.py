@@ -2,8 +2,9 @@
 uncompressed and with every method at one budget, with the time each took and a picture of the
 visual tokens each kept.
 
-The model is the project's own (bench/vlm/checkpoint, trained by `python -m bench.vlm.train`), so
-the answers are real: a method that drops the tokens a question needs gets it wrong.
+The model is the project's own (tokensieve/smallvlm/checkpoint, trained by `python -m
+tokensieve.smallvlm.train`), so the answers are real: a method that drops the tokens a question
+needs gets it wrong.
 """
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ import numpy as np
 import torch
 
 import tokensieve as ts
-from bench.accuracy import CHECKPOINT, METHOD_NAMES, candidates, load_checkpoint
-from bench.vlm import model as M
-from bench.vlm import scenes as S
-from tokensieve.viz import kept_overlay_rows
+
+from ..smallvlm import model as M
+from ..smallvlm import scenes as S
+from ..viz import kept_overlay_rows
+from .accuracy import CHECKPOINT, METHOD_NAMES, candidates, load_checkpoint
 
 DEFAULT_OUT = "out/demo_kept_tokens.png"
 FIRST_DEMO_INDEX = 500_000  # demo scenes come from the test split, far from the benchmark's first 1000

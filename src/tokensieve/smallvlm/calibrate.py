@@ -1,6 +1,6 @@
 """Calibrate ALVTS selectors for a saved small VLM and store them beside its weights.
 
-    python -m bench.vlm.calibrate DIR [--rank 24] [--questions 64] [--steps 200] [--lr 3e-4]
+    python -m tokensieve.smallvlm.calibrate DIR [--rank 24] [--questions 64] [--steps 200] [--lr 3e-4]
 
 The questions come from the training split (scenes no benchmark uses); the selectors are written to
 DIR/alvts_selectors.safetensors, which `tokensieve bench accuracy` and the demo pick up.
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from bench.vlm import model as M
-from bench.vlm import scenes as S
-from tokensieve.calibrate import calibrate_alvts, fidelity_table
+from . import model as M
+from . import scenes as S
+from ..calibrate import calibrate_alvts, fidelity_table
 
 SELECTORS = "alvts_selectors.safetensors"
 FIRST_SCENE = 90_000_000  # training-split seeds no training stage draws

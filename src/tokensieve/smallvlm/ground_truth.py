@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bench.vlm import scenes as S
-from tokensieve.methods.base import InnerStage, Schedule
-from tokensieve.ops.plan import selection_plan
+from . import scenes as S
+from ..runtime.schedule import DecoderStage, Schedule
+from ..ops.plan import selection_plan
 
 
 def object_first_order(sample: S.Sample) -> torch.Tensor:
@@ -39,7 +39,7 @@ class GroundTruthObjects:
     orders: tuple[torch.Tensor, ...]
     two_stage: bool = False
 
-    def schedule(self, num_layers: int, family_defaults: dict) -> Schedule:
+    def schedule(self, num_layers: int, model_type: str = "") -> Schedule:
         cursor, kept_first = iter(self.orders), deque()
         layer = num_layers // 2
 
@@ -70,7 +70,7 @@ class GroundTruthObjects:
                 plans.append(selection_plan(rank[kept].argsort()[:request.keep].sort().values[None]))
             return plans
 
-        stages = [InnerStage(0, first_keep, plan_first, name="ground_truth")]
+        stages = [DecoderStage(0, first_keep, plan_first, name="ground_truth")]
         if self.two_stage:
-            stages.append(InnerStage(layer, second_keep, plan_second, name="ground_truth_stage2"))
+            stages.append(DecoderStage(layer, second_keep, plan_second, name="ground_truth_stage2"))
         return Schedule(num_layers, lambda n: n, stages=tuple(stages))

@@ -1,13 +1,14 @@
 """Train the small VLM: stage A dense supervision of the vision tower, stage B projector + decoder.
 
-    python -m bench.vlm.train --out DIR --seed 0 --steps-a 3500 --steps-b 4000          # 1: from scratch
-    python -m bench.vlm.train --init-from DIR --out DIR2 --steps-b 1200 --lr-b 5e-4 \
-        --kind-weights count=3,color=1,exists=1,quadrant=1,small=1 --threads 1          # 2: counting
-    python -m bench.vlm.train --init-from DIR2 --out DIR3 --steps-b 1200 --lr-b 4e-4 --evidence-weight 2 \
-        --kind-weights count=4,color=1,exists=1,quadrant=1,small=1 --threads 1          # 3: counting
+    python -m tokensieve.smallvlm.train --out DIR --seed 0 --steps-a 3500 --steps-b 4000  # 1: from scratch
+    python -m tokensieve.smallvlm.train --init-from DIR --out DIR2 --steps-b 1200 --lr-b 5e-4 \
+        --kind-weights count=3,color=1,exists=1,quadrant=1,small=1 --threads 1   # 2: counting
+    python -m tokensieve.smallvlm.train --init-from DIR2 --out DIR3 --steps-b 1200 --lr-b 4e-4 --evidence-weight 2 \
+        --kind-weights count=4,color=1,exists=1,quadrant=1,small=1 --threads 1   # 3: counting
 
-DIR3 is the shipped checkpoint, bench/vlm/checkpoint; its training.json records the three runs (run 1
-loaded a tower saved by a stage-A-only run, `--only-a`, with the same seed and steps: the same stage A).
+DIR3 is the shipped checkpoint, src/tokensieve/smallvlm/checkpoint (bench/vlm/checkpoint when it was
+trained); its training.json records the three runs (run 1 loaded a tower saved by a stage-A-only run,
+`--only-a`, with the same seed and steps: the same stage A).
 
 Stage A: every patch predicts (linear heads on the tower's last hidden state) the colour and shape of
 the object under it (or background), that object's quadrant and size, and whether it holds the
@@ -22,7 +23,7 @@ Runs 2 and 3 continue stage B from the previous weights on scenes run 1 did not 
 both, asked other questions) with three, then four times as many counting questions, the last with
 the evidence term doubled (counting by colour was the weakest kind: counting was 76% on val after
 run 1, 87% after run 2, 91% after run 3).
-Every run ends by calibrating ALVTS selectors for its weights (bench/vlm/calibrate.py).
+Every run ends by calibrating ALVTS selectors for its weights (tokensieve/smallvlm/calibrate.py).
 Steps come from the time budget (printed) unless fixed with --steps-a/--steps-b, which reproduces a
 run. Saves fp16 weights + tokenizer + processor to DIR at each evaluation and at the end.
 """
@@ -39,10 +40,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.vlm import model as M
-from bench.vlm import scenes as S
-from bench.vlm.calibrate import calibrate
-from tokensieve.attention import queries_keys
+from . import model as M
+from . import scenes as S
+from .calibrate import calibrate
+from ..attention import queries_keys
 
 HEADS = [("color", 1 + len(S.COLOR_NAMES)), ("shape", 1 + len(S.SHAPES)), ("quadrant", 4), ("size", 3),
          ("anchor", 2)]  # one linear head per row of the patch labels (owner excluded)

@@ -1,6 +1,6 @@
 """Held-out exact-match accuracy of a saved small VLM, overall and per question kind.
 
-    python -m bench.vlm.evaluate DIR [--split test] [--n 1000]
+    python -m tokensieve.smallvlm.evaluate DIR [--split test] [--n 1000]
 """
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import time
 
 import torch
 
-from bench.vlm import model as M
-from bench.vlm.train import evaluate, fmt
+from . import model as M
+from .train import evaluate, fmt
 
 
 def main(argv=None) -> None:

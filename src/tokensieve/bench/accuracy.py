@@ -1,6 +1,6 @@
 """`tokensieve bench accuracy`: every method at every budget on the shipped small VLM.
 
-The small VLM (bench/vlm, trained by the project) answers one-word questions about synthetic scenes;
+The small VLM (tokensieve.smallvlm, trained by the project) answers one-word questions about synthetic scenes;
 each method compresses its 576 visual tokens to a budget (mean visual tokens per decoder layer) and
 the held-out exact-match accuracy is compared with the uncompressed model's (retention), overall and
 per question kind, beside the mean visual tokens each decoder layer processed and the analytic
@@ -21,16 +21,17 @@ import torch
 from tqdm import tqdm
 
 import tokensieve as ts
-from tokensieve import registry
-from bench.vlm import model as M
-from bench.vlm import scenes as S
-from bench.vlm.calibrate import SELECTORS
-from bench.vlm.ground_truth import GroundTruthObjects, object_first_order
-from tokensieve.bench.shapes import vit_flops
-from tokensieve.flops import Widths, decoder_layer_flops
-from tokensieve.viz import agg_figure, save_figure
 
-CHECKPOINT = Path(__file__).resolve().parent / "vlm" / "checkpoint"
+from .. import registry
+from ..flops import Widths, decoder_layer_flops
+from ..smallvlm import CHECKPOINT
+from ..smallvlm import model as M
+from ..smallvlm import scenes as S
+from ..smallvlm.calibrate import SELECTORS
+from ..smallvlm.ground_truth import GroundTruthObjects, object_first_order
+from ..viz import agg_figure, save_figure
+from .shapes import vit_flops
+
 METHOD_NAMES = registry.method_names()
 BENCH_NAMES = METHOD_NAMES + ("GroundTruth", "GroundTruth2")  # the methods and the ground-truth references
 BUDGETS = (192, 128, 64, 32)
@@ -66,7 +67,7 @@ def load_checkpoint(path: str | Path = CHECKPOINT):
     """(model, processor, selectors path or None) of a saved small VLM; ValueError if it is missing."""
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise ValueError(f"no small VLM at {path}: give --model a folder written by `python -m bench.vlm.train`")
+        raise ValueError(f"no small VLM at {path}: give --model a folder written by `python -m tokensieve.smallvlm.train`")
     model, processor = M.load(str(path))
     selectors = path / SELECTORS
     return model, processor, selectors if selectors.is_file() else None

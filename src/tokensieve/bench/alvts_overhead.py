@@ -1,7 +1,7 @@
 """ALVTS on the shipped small VLM (CPU): calibration fidelity per layer, and the selector overhead =
 prefill with ALVTS / prefill of the same routing given for free.
 
-    .venv/bin/python -m bench.alvts_overhead [--questions 64] [--rank 24] [--steps 200] [--repeats 9]
+    .venv/bin/python -m tokensieve.bench.alvts_overhead [--questions 64] [--rank 24] [--steps 200] [--repeats 9]
 
 "Given for free" holds the per-layer choice of the previous prefill of the same prompt
 (`handle.hold_selection()`), so the second run does the same gathers, layers and scatters but no
@@ -16,11 +16,12 @@ import time
 import torch
 
 import tokensieve as ts
-from bench.accuracy import CHECKPOINT
-from bench.vlm import model as M
-from bench.vlm import scenes as S
-from bench.vlm.calibrate import calibration_inputs
-from tokensieve.calibrate import fidelity_table
+
+from ..calibrate import fidelity_table
+from ..smallvlm import CHECKPOINT
+from ..smallvlm import model as M
+from ..smallvlm import scenes as S
+from ..smallvlm.calibrate import calibration_inputs
 
 
 def timed_prefill(model, inputs: dict) -> float:
