@@ -19,6 +19,20 @@ def _brings_visual_inputs(kwargs: dict) -> bool:
                if name.startswith("pixel_values") or name == "mm_encoder_outputs")
 
 
+def _left_padded_mask(mask, batch: int, length: int, device: torch.device) -> torch.Tensor:
+    """The prefill's 2-D mask (B, S) (ones when None); ValueError for any other form or for right padding."""
+    if mask is None:
+        return torch.ones(batch, length, dtype=torch.long, device=device)
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        raise ValueError("tokensieve needs a 2-D attention mask (or None); 4-D or compiled-cache masks are not supported")
+    if not bool(mask[:, -1].all()):
+        raise ValueError(
+            "a row of this batch ends in padding (right padding); tokensieve needs every row to end at its last "
+            "prompt token: pad on the left (tokenizer.padding_side = 'left', as generate needs anyway)"
+        )
+    return mask
+
+
 class Entry:
     """Pre-hooks on the outer model (which placeholders hold which modality) and on the language model."""
 
@@ -62,16 +76,7 @@ class Entry:
             return kwargs
         keep, item, slot, pinned, items, batch_rows = layout
         selection = compact_rows(keep)
-        mask = kwargs.get("attention_mask")
-        if mask is None:
-            mask = torch.ones(batch, length, dtype=torch.long, device=embeds.device)
-        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
-            raise ValueError("tokensieve needs a 2-D attention mask (or None); 4-D or compiled-cache masks are not supported")
-        if not bool(mask[:, -1].all()):
-            raise ValueError(
-                "a row of this batch ends in padding (right padding); tokensieve needs every row to end at its last "
-                "prompt token: pad on the left (tokenizer.padding_side = 'left', as generate needs anyway)"
-            )
+        mask = _left_padded_mask(kwargs.get("attention_mask"), batch, length, embeds.device)
         positions = kwargs.get("position_ids")
         if positions is None:
             positions = torch.arange(length, device=embeds.device)[None].expand(batch, -1)
