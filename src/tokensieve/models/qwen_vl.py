@@ -103,10 +103,10 @@ def decode_positions_hook(port: FamilyPort) -> Callable:
     """
 
     def hook(module, args, kwargs):
+        if args or kwargs.get("position_ids") is not None or kwargs.get("attention_mask") is not None:
+            return None  # generate passes both: only a hand-written step gets here
         start = port.tokens_behind(cache_in(kwargs))  # None unless this handle's compressed cache
         if start is None or module.rope_deltas is None:
-            return None
-        if args or kwargs.get("position_ids") is not None or kwargs.get("attention_mask") is not None:
             return None
         tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
         batch, queries = tokens.shape[:2]

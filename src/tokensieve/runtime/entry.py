@@ -45,8 +45,9 @@ class Entry:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
         self.visual_positions = session.family.visual_positions(session.model, input_ids, embeds)
-        continuing = session.generation.tokens_behind(cache_in(kwargs)) is not None
-        if continuing and self.visual_positions is not None and _brings_visual_inputs(kwargs):
+        if self.visual_positions is None or not _brings_visual_inputs(kwargs):
+            return  # a text-only step (every decoding step): nothing to check
+        if session.generation.tokens_behind(cache_in(kwargs)) is not None:
             if any(bool(positions.any()) for positions in self.visual_positions.values()):
                 raise ValueError(
                     "a turn that continues a compressed cache brings new images or videos, which tokensieve cannot "

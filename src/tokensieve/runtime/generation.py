@@ -69,9 +69,11 @@ class GenerationGuards:
         compression shortened: give it the count of new tokens measured on the uncompressed sequence."""
 
         def prepare(input_ids, next_sequence_length=None, **kwargs):
+            if not kwargs.get("is_first_iteration") or next_sequence_length is None:  # decoding steps: nothing to fix
+                return original(input_ids, next_sequence_length=next_sequence_length, **kwargs)
             cache = cache_in(kwargs)
             behind = self.tokens_behind(cache)
-            if kwargs.get("is_first_iteration") and next_sequence_length is not None and behind is not None:
+            if behind is not None:
                 next_sequence_length -= behind - cache_length(cache)
                 if next_sequence_length < 1:
                     raise ValueError(

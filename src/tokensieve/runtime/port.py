@@ -63,9 +63,8 @@ class FamilyPort:
 
     def add_item(self, item: VisualItem) -> None:
         """Record an item of the current encoding (in the order the model hands them to the language model)."""
-        wanted = self.schedule.asked
-        if any(self.keep(budget) > wanted(self.schedule.vision_keep, budget, budget) for _, _, budget in item.spans()):
-            item.floored.add("stage1")
+        for _, _, budget in item.spans():
+            self.schedule.count_noting_floor(self.schedule.vision_keep, budget, budget, item.floored, "stage1")
         self.items.setdefault(item.modality, []).append(item)
 
     def _plan_flops(self, n: int, keep: int, width: int, count: int) -> int:

@@ -6,9 +6,9 @@ from typing import Any
 
 import torch
 
-from .schedule import Schedule
 from .compat import cache_in
 from .recording import record_route
+from .schedule import Schedule
 from .sequence import RowSelection, compact_rows
 from .state import Level, VisualItem
 
@@ -41,16 +41,13 @@ def top_rows(scores: torch.Tensor, level: Level, items: list[VisualItem], layer:
     Ties go to the earlier row (stable sort), so the choice is deterministic. Shapes are known on
     the host (k per item, positions cached per level), so no device sync happens per layer.
     """
-    routing = schedule.routing
+    budget = lambda n: schedule.routing.keep(layer, n)  # noqa: E731
     keep = (level.item < 0) | level.pinned
     pinned, _ = level.fixed_counts()
     visual_per_row, slots = list(pinned), []
     for rows, item in zip(level.rows, items):
         batch_row, positions, pinned_positions = rows.batch_row, rows.unpinned, rows.pinned
-        budget = lambda n: routing.keep(layer, n)  # noqa: E731
-        k = schedule.count(budget, item.budget_tokens, positions.numel())
-        if k > schedule.asked(budget, item.budget_tokens, positions.numel()):
-            item.floored.add(f"layer{layer}")
+        k = schedule.count_noting_floor(budget, item.budget_tokens, positions.numel(), item.floored, f"layer{layer}")
         chosen = positions[scores[batch_row, positions].argsort(descending=True, stable=True)[:k]]
         keep[batch_row, chosen] = True
         slots.append(level.slot[batch_row, torch.cat([chosen, pinned_positions])].sort().values)

@@ -162,6 +162,15 @@ class Schedule:
         """Rows a stage keeps: what its budget asks (`asked`), and at least the minimum (`at_least_minimum`)."""
         return self.at_least_minimum(rows, self.asked(keep, budget_tokens, rows))
 
+    def count_noting_floor(self, keep: Callable[[int], int], budget_tokens: int, rows: int, floored: set[str],
+                           name: str) -> int:
+        """`count`, adding `name` to `floored` (an item's record) when the minimum raised it above the budget's."""
+        asked = self.asked(keep, budget_tokens, rows)
+        kept = self.at_least_minimum(rows, asked)
+        if kept > asked:
+            floored.add(name)
+        return kept
+
     def at_least_minimum(self, n: int, keep: int) -> int:
         """What a stage keeps of n rows when its budget asks for `keep`: never fewer than min_keep (the
         fewest its operator can reduce to), and all n when n itself is smaller. A small item in a batch

@@ -51,9 +51,8 @@ class StageRunner:
         for i, (item, rows) in enumerate(zip(items, level.rows)):
             for span, ((_, _, budget_tokens), positions) in enumerate(zip(item.spans(), rows.spans)):
                 schedule = self.session.schedule
-                target = schedule.count(stage.keep, budget_tokens, positions.numel())
-                if target > schedule.asked(stage.keep, budget_tokens, positions.numel()):
-                    item.floored.add(stage.name)
+                target = schedule.count_noting_floor(stage.keep, budget_tokens, positions.numel(), item.floored,
+                                                     stage.name)
                 if target < positions.numel():
                     requests.append(StageRequest(i, rows.batch_row, positions, target, span))
         return requests
