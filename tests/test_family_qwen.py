@@ -49,7 +49,7 @@ def reference_reduction(model, method, features, frame_tokens: int | None = None
         step = frame_tokens or x.shape[0]
         item_kept = []
         for start in range(0, x.shape[0], step):
-            plan = schedule.vision_plan(x[None, start : start + step], schedule.vision_keep(step), "stage1")
+            plan = schedule.vision_plan(x[None, start : start + step], schedule.vision_keep(step), None)
             reduced.append(plan.apply(x[None, start : start + step])[0])
             for j, tensors in enumerate(extra):
                 reduced_extra[j].append(plan.apply(tensors[i][None, start : start + step])[0])

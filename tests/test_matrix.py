@@ -39,7 +39,7 @@ REFUSED = {
     ("FastV", "qwen3_vl"): (DEEPSTACK, dict(layer=3)),
     ("PDrop", "qwen3_vl"): (DEEPSTACK, dict(ratio=0.6, layers=(3, 4, 5))),
     ("DART", "qwen3_vl"): (DEEPSTACK, dict(layer=3)),
-    ("VisionZip", "llava_onevision"): ("VisionZip supports", None),
+    ("VisionZip", "llava_onevision"): ("reads the attention of the vision encoder layer", None),
 }
 CELLS = [(m, f) for m in registry.method_names() for f in FAMILIES]
 

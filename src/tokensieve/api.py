@@ -126,6 +126,7 @@ def compress(model: torch.nn.Module, method: Any) -> CompressionHandle:
     nominal = family.nominal_tokens(model.config)
     if nominal is not None:
         schedule.check_item(nominal)
-    handle = CompressionHandle(Session(model, family, schedule), method)
+    attention = family.vision_attention(model) if schedule.reads_vision_attention else None
+    handle = CompressionHandle(Session(model, family, schedule, attention), method)
     handle._install()
     return handle

@@ -112,7 +112,7 @@ class ApET:
             wanted = tokens_after(mean_budget(self.budget, self.ratio, n), first, layer, num_layers)
             return max(0, min(first, round(wanted)))
 
-        def plan(x: torch.Tensor, keep: int, stage: str = "stage1") -> ReductionPlan:
+        def plan(x: torch.Tensor, keep: int, evidence=None) -> ReductionPlan:
             return apet_plan(x, keep, self.num_basis, self.eps, blend, self.merge, start=self._start(x))
 
         def stage2_plan(ctx: StageContext, requests: list[StageRequest]) -> list[ReductionPlan]:

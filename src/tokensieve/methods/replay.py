@@ -120,8 +120,9 @@ class _ReplayPlans:
             return [self._next(name, r.positions.numel(), r.keep, 1).row(0) for r in requests]
         return plan
 
-    def __call__(self, x: torch.Tensor, keep: int, stage: str = "stage1") -> ReductionPlan:
-        return self._next(stage, x.shape[1], keep, x.shape[0]).to(x.device)
+    def __call__(self, x: torch.Tensor, keep: int, evidence=None) -> ReductionPlan:
+        """The vision side's plan: the next recorded "stage1" selections of x (G, n, D)."""
+        return self._next("stage1", x.shape[1], keep, x.shape[0]).to(x.device)
 
     def _next(self, stage: str, n: int, keep: int, count: int) -> ReductionPlan:
         """Selection plan of the next `count` recorded items: kept_index (count, keep)."""

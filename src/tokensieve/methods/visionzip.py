@@ -6,10 +6,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..attention import project, rotate
-from ..ops.alvts import CHUNK_ELEMENTS
 from ..ops.plan import ReductionPlan, selection_plan
-from ..runtime.schedule import Schedule
+from ..runtime.schedule import Schedule, VisionEvidence
 from .base import check_budget, check_type, is_real, kept_tokens
 
 AUTHORS_CONTEXTUAL = 10 / 64  # 64 = 54 + 10, 128 = 108 + 20, 192 = 162 + 30 (and per NeXT crop: 32 = 27 + 5)
@@ -72,139 +70,6 @@ def merge_weights(n: int, dominant, targets, others, owner) -> torch.Tensor:
     return weights
 
 
-# ---------------------------------------------------------------------------------- reading the vision layer
-def received_attention(q: torch.Tensor, k: torch.Tensor, scale: float, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
-    """Attention each row receives: softmax per head, mean over heads, sum over query rows.
-
-    q, k: (H, s, d) float32 of one attention segment. Returns (s,). Computed in chunks of query rows
-    of about `chunk_elements` logits (8 MiB at the default), whose softmax stays in cache; the scale
-    is applied to the queries, not to the logits.
-    """
-    heads, length = q.shape[:2]
-    q, keys_t = q * scale, k.transpose(1, 2)
-    step = max(1, chunk_elements // (heads * length))
-    total = q.new_zeros(length)
-    for start in range(0, length, step):
-        total += (q[:, start : start + step] @ keys_t).softmax(dim=-1).sum(dim=(0, 1))
-    return total / heads
-
-
-def clip_layer_reading(layer: torch.nn.Module, hidden: torch.Tensor, cls: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Score and mean-head key of every row of a CLIP/SigLIP encoder layer's input hidden (I, S, D).
-
-    Score: with a CLS token, the CLS row's attention (softmax per head, summed over heads) over every
-    column; without one, the attention each row receives. Keys: k_proj of layer_norm1, mean over heads.
-    Returns (I * S,) and (I * S, d), float32.
-    """
-    attn = layer.self_attn
-    normed = layer.layer_norm1(hidden)
-    k = project(attn.k_proj, normed).unflatten(-1, (attn.num_heads, -1)).transpose(1, 2)  # (I, H, S, d)
-    if cls:
-        q = project(attn.q_proj, normed[:, :1]).unflatten(-1, (attn.num_heads, -1)).transpose(1, 2)  # (I, H, 1, d)
-        score = (q @ k.transpose(-1, -2) * attn.scale).softmax(dim=-1).sum(dim=1)[:, 0]  # (I, S)
-    else:
-        q = project(attn.q_proj, normed).unflatten(-1, (attn.num_heads, -1)).transpose(1, 2)
-        score = torch.stack([received_attention(qi, ki, attn.scale) for qi, ki in zip(q, k)])
-    return score.flatten(), k.mean(dim=1).flatten(0, 1)
-
-
-def qwen_block_reading(block: torch.nn.Module, hidden: torch.Tensor, cu_seqlens: torch.Tensor,
-                       rotary: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Score and mean-head key of every row of a Qwen ViT block's packed input hidden (S, D).
-
-    Score: the attention each row receives within its cu_seqlens segment (queries and keys rotated as
-    the block rotates them). Keys: the block's keys before the rotary embedding (content only, as
-    CLIP's), mean over heads. Returns (S,) and (S, d), float32.
-    """
-    attn = block.attn
-    qkv = project(attn.qkv, block.norm1(hidden)).view(hidden.shape[0], 3, attn.num_heads, -1)
-    q, k = (qkv[:, i].transpose(0, 1)[None] for i in (0, 1))  # (1, H, S, d)
-    cos, sin = (t[None] for t in rotary)
-    q_rot, k_rot = rotate(q, cos, sin)[0], rotate(k, cos, sin)[0]
-    bounds = cu_seqlens.tolist()
-    score = torch.cat([received_attention(q_rot[:, a:b], k_rot[:, a:b], attn.scaling) for a, b in zip(bounds, bounds[1:])])
-    return score, k[0].mean(dim=0)
-
-
-def group_mean(x: torch.Tensor, group: int) -> torch.Tensor:
-    """Mean over consecutive runs of `group` rows: (R, ...) -> (R / group, ...)."""
-    return x.unflatten(0, (-1, group)).mean(dim=1)
-
-
-def locate(rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Where each row of x (G, n, D) occurs among rows (T, D), which it must equal exactly.
-
-    Rows are matched by a random projection in float64 (nearest value), then checked for equality.
-    Returns (G, n) long. Raises RuntimeError if some row of x is not among them.
-    """
-    probe = torch.randn(rows.shape[-1], generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(rows.device)
-    projected = rows.double() @ probe
-    order = projected.argsort()
-    ordered = projected[order]
-    wanted = x.double() @ probe  # (G, n)
-    right = torch.searchsorted(ordered, wanted).clamp(max=ordered.numel() - 1)
-    left = (right - 1).clamp(min=0)
-    closer_left = (wanted - ordered[left]).abs() <= (ordered[right] - wanted).abs()
-    index = order[torch.where(closer_left, left, right)]
-    if not torch.equal(rows[index], x):
-        raise RuntimeError(
-            "VisionZip could not find the features it is asked to reduce among the rows of the vision layer it "
-            "read in this encoding; the family hands stage 1 something other than that layer's output"
-        )
-    return index
-
-
-class VisionReader:
-    """Hooks that read the feature layer in each vision forward; then looks features up in that reading.
-
-    The family hands stage 1 rows copied from `VisionLayer.output` (cropped, unpadded, reordered as it
-    likes); `scores_keys` finds each of them among the rows read, so it needs no family knowledge.
-    """
-
-    def __init__(self) -> None:
-        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # per layer row: score, key
-        self.reading: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # output rows, score, key
-
-    def install(self, model: torch.nn.Module, family, hooks) -> None:
-        where = family.vision_feature_layer(model)
-        if where is None:
-            raise ValueError(
-                f"VisionZip reads the vision layer behind the features stage 1 reduces, and the "
-                f"{model.config.model_type} family does not name one; VisionZip supports llava, llava_next, "
-                "qwen2_vl, qwen2_5_vl and qwen3_vl"
-            )
-        hooks.pre(where.layer, lambda module, args, kwargs: self._read_layer(where, args, kwargs))
-        hooks.post(where.output, lambda module, args, kwargs, output: self._read_output(where, output))
-
-    def _read_layer(self, where, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        with torch.no_grad():
-            if hidden.dim() == 3:
-                mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
-                if mask is not None:
-                    raise RuntimeError("VisionZip does not support an attention mask in the vision encoder")
-                score, keys = clip_layer_reading(where.layer, hidden, where.cls)
-            else:
-                score, keys = qwen_block_reading(where.layer, hidden, kwargs["cu_seqlens"], kwargs["position_embeddings"])
-        self.pending = (group_mean(score, where.group), group_mean(keys, where.group))
-        self.reading = None
-
-    def _read_output(self, where, output) -> None:
-        rows = (output[0] if isinstance(output, tuple) else output).flatten(0, -2)
-        if self.pending is None or self.pending[0].shape[0] != rows.shape[0]:
-            raise RuntimeError(f"VisionZip read {rows.shape[0]} output rows but not the matching layer input")
-        self.reading = (rows, *self.pending)
-        self.pending = None
-
-    def scores_keys(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Score (G, n) and keys (G, n, d) of the features x (G, n, D) from the last reading."""
-        if self.reading is None:
-            raise RuntimeError("VisionZip has no reading of the vision layer for these features (encode the images again)")
-        rows, score, keys = self.reading
-        index = locate(rows, x)
-        return score[index], keys[index]
-
-
 @dataclass(frozen=True)
 class VisionZip:
     """Keep the tokens the vision encoder attends to most; merge the rest into a few contextual tokens.
@@ -214,8 +79,10 @@ class VisionZip:
 
     Acts on the vision side (stage 1), on the features the family reduces, which must all come from one
     encoder layer (`Family.vision_feature_layer`: LLaVA's vision_feature_layer, -2 = layer 22 of 24;
-    Qwen's last ViT block). A pre-hook on that layer computes from its own input, with its own
-    layernorm and q/k projections (the tower keeps SDPA; nothing is switched to eager):
+    Qwen's last ViT block). The family reads that layer (`tokensieve.models.vision_attention`): a
+    pre-hook computes from the layer's own input, with its own layernorm and q/k projections (the tower
+    keeps its attention kernel; nothing is switched to eager), and the family says which row each
+    feature came from; the plan receives, per feature (`VisionEvidence`):
     - the score: the CLS row's attention (softmax per head, summed over heads) over the patches; where
       the encoder has no CLS (SigLIP, Qwen), the attention each token receives (mean over heads, sum
       over query rows); on Qwen, averaged over each 2x2 merge group;
@@ -271,16 +138,13 @@ class VisionZip:
         return AUTHORS_CONTEXTUAL if self.contextual is None else self.contextual
 
     def schedule(self, num_layers: int, model_type: str = "") -> Schedule:
-        reader = VisionReader()
-
         def keep(n: int) -> int:
             return kept_tokens(self.budget, self.ratio, n)
 
-        def plan(x: torch.Tensor, keep: int, stage: str = "stage1") -> ReductionPlan:
-            score, keys = reader.scores_keys(x)
-            return dominant_contextual_plan(score, keys, keep, contextual_count(keep, self.share))
+        def plan(x: torch.Tensor, keep: int, evidence: VisionEvidence | None = None) -> ReductionPlan:
+            return dominant_contextual_plan(evidence.score, evidence.keys, keep, contextual_count(keep, self.share))
 
-        return Schedule(num_layers, keep, plan, vision_plan_flops=self._flops, install=reader.install)
+        return Schedule(num_layers, keep, plan, vision_plan_flops=self._flops, reads_vision_attention=True)
 
     def _flops(self, n: int, keep: int, width: int) -> int:
         """About: the keys and score row of the read layer (2 n D^2 + 2 n D), the similarities of the

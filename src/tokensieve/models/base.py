@@ -11,6 +11,7 @@ from ..runtime.hooks import HookSet
 from ..runtime.port import FamilyPort
 from ..runtime.schedule import DecoderStage, Schedule, StageContext, StageRequest
 from ..runtime.sequence import RowSelection
+from .vision_attention import LayerAttention, VisionLayer
 
 
 @dataclass(frozen=True)
@@ -28,26 +29,6 @@ class ModelParts:
     language_model: torch.nn.Module
     layers: torch.nn.ModuleList
     text_config: Any
-
-
-@dataclass(frozen=True)
-class VisionLayer:
-    """The vision encoder layer behind the vision-side features (for methods that read its attention).
-
-    Attributes:
-        layer: the encoder layer whose output the features come from; its input gives the attention
-            and keys (CLIP/SigLIP layers take (I, S, D); Qwen ViT blocks take packed (S, D) rows with
-            cu_seqlens and rotary position embeddings).
-        output: the module whose output rows the stage-1 features are exact copies of: the layer itself,
-            or Qwen's patch merger (one row per `group` consecutive layer rows).
-        cls: the layer's sequences start with a CLS token (CLIP), which the features leave out.
-        group: consecutive layer rows merged into one output row (Qwen's 2x2 merge: 4), else 1.
-    """
-
-    layer: torch.nn.Module
-    output: torch.nn.Module
-    cls: bool
-    group: int = 1
 
 
 class Family:
@@ -98,13 +79,63 @@ class Family:
         raise NotImplementedError
 
     def vision_feature_layer(self, model: torch.nn.Module) -> VisionLayer | None:
-        """The vision layer behind the vision-side features, or None where this family names none (a
-        method that reads it then refuses the model). May raise ValueError saying why this model's layer
-        cannot be read."""
+        """The vision layer behind the vision-side features, or None where this family names none. May
+        raise ValueError saying why this model's layer cannot be read."""
         return None
+
+    def vision_attention(self, model: torch.nn.Module) -> LayerAttention:
+        """The reading of the vision layer behind the features, for a method that needs what that
+        layer's attention says of them (`Schedule.reads_vision_attention`). The family then passes
+        `sources` to `FamilyPort.plan_items`. ValueError where it names no such layer."""
+        where = self.vision_feature_layer(model)
+        if where is None:
+            raise ValueError(
+                "this method reads the attention of the vision encoder layer behind the visual features, and "
+                f"tokensieve names no such layer for {model.config.model_type} models; it reads them on llava, "
+                "llava_next, qwen2_vl, qwen2_5_vl and qwen3_vl"
+            )
+        return LayerAttention(where)
 
     def gather_language_kwargs(self, kwargs: dict, selection: RowSelection) -> None:
         """Apply the entry selection to family-specific language-model kwargs (in place)."""
+
+
+@dataclass(frozen=True)
+class ReducedPart:
+    """One part of an item (an image, a crop, a video frame) after its vision-side plan.
+
+    Attributes:
+        n: the part's rows before reduction.
+        plan: its ReductionPlan (kept_index (1, k), optional weights), or None when it keeps every row.
+    """
+
+    n: int
+    plan: ReductionPlan | None
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x (n, D) -> (n, D): the plan's output at the kept rows and zeros elsewhere (x when kept whole).
+
+        The zeros keep every tensor the model checks at its shape; the language model's entry drops them.
+        """
+        if self.plan is None:
+            return x
+        return scatter_rows(self.plan.apply(x[None]), self.plan.kept_index.to(x.device), self.n)[0]
+
+    def keep(self, device: torch.device | None = None) -> torch.Tensor:
+        """(n,) bool: the rows this part keeps."""
+        if self.plan is None:
+            return torch.ones(self.n, dtype=torch.bool, device=device)
+        kept = self.plan.kept_index[0]
+        return keep_mask(kept if device is None else kept.to(device), self.n)
+
+
+def reduce_parts(port: FamilyPort, parts: list[torch.Tensor], keeps: list[int], modality: str = "image",
+                 sources: list[torch.Tensor] | None = None) -> list[ReducedPart]:
+    """The vision side's one sequence for every family: plan each (n_i, D) part to keeps[i] rows (parts
+    of equal size together), ready to apply. sources: per part, (n_i,) long rows of the family's vision
+    layer reading (when `port.reads_vision_attention`)."""
+    plans = port.plan_items(parts, keeps, modality, sources)
+    return [ReducedPart(x.shape[0], plan) for x, plan in zip(parts, plans)]
 
 
 def square_grid(n: int) -> tuple[int, int] | None:
@@ -139,7 +170,7 @@ def stage0_on_vision_side(schedule: Schedule) -> Schedule:
 
 
 def _vision_side_plan(stage: DecoderStage):
-    def plan(x: torch.Tensor, keep: int, name: str = "stage1") -> ReductionPlan:
+    def plan(x: torch.Tensor, keep: int, evidence=None) -> ReductionPlan:
         """x (G, n, D) -> one plan of G rows keeping `keep` each, from the stage's own plan function."""
         positions = torch.arange(x.shape[1], device=x.device)
         requests = [StageRequest(item=g, row=g, positions=positions, keep=keep) for g in range(x.shape[0])]

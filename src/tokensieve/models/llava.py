@@ -1,4 +1,4 @@
-"""LLaVA-1.5 (`llava`): stage 1 on the vision tower's selected-layer features, before the projector."""
+"""LLaVA-1.5 (`llava`): the vision side on the vision tower's selected-layer features, before the projector."""
 from __future__ import annotations
 
 from typing import Any
@@ -8,7 +8,8 @@ import torch
 from ..runtime.hooks import HookSet
 from ..runtime.port import FamilyPort
 from ..runtime.state import VisualItem
-from .base import Family, VisionLayer, keep_mask, scatter_rows, square_grid
+from .base import Family, reduce_parts, square_grid
+from .vision_attention import VisionLayer
 
 
 def clip_feature_layer(tower: torch.nn.Module, feature_layer: Any, strategy: str) -> VisionLayer:
@@ -34,16 +35,25 @@ def clip_feature_layer(tower: torch.nn.Module, feature_layer: Any, strategy: str
             "reading the CLS token's attention needs it left out of the features, but "
             f"vision_feature_select_strategy={strategy!r} hands it to the language model as a feature; use 'default'"
         )
-    return VisionLayer(layer=layers[index], output=layers[index], cls=cls)
+    return VisionLayer(layer=layers[index], cls=cls)
+
+
+def clip_feature_rows(crops: torch.Tensor, tokens: torch.Tensor, crop_tokens: int, strategy: str) -> torch.Tensor:
+    """Rows of the feature layer's (C, S, D) output, flattened, that crop crops[i]'s feature tokens[i]
+    is: the "default" strategy drops each crop's first row (CLIP's CLS), so S = crop_tokens + 1.
+
+    crops, tokens: (n,) long (or broadcastable). Returns (n,) long.
+    """
+    skipped = 1 if strategy == "default" else 0
+    return crops * (crop_tokens + skipped) + skipped + tokens
 
 
 class LlavaFamily(Family):
     """The projector receives (I, N, D_vision) features (CLS already removed by the default strategy).
 
-    A pre-hook on the projector reduces them to (I, k, D_vision) (a merging method merges in that space), a
-    post-hook puts the projected (I, k, D_text) rows back at their places in a zero (I, N, D_text)
-    tensor so the model's placeholder check holds; the language model's entry then drops the rows
-    that were not kept.
+    A pre-hook on the projector reduces each image (a merging method merges in that space) and hands
+    the projector the result at the kept rows, zeros elsewhere, so the model's placeholder check
+    holds; the language model's entry then drops the rows that were not kept.
     """
 
     model_types = ("llava",)
@@ -54,33 +64,23 @@ class LlavaFamily(Family):
         return n if config.vision_feature_select_strategy == "default" else n + 1
 
     def install_vision_side(self, model: torch.nn.Module, port: FamilyPort, hooks: HookSet) -> None:
-        pending: list = []
-
         def reduce(module, args, kwargs):
-            features = args[0] if args else kwargs["image_features"]
+            features = args[0] if args else kwargs["image_features"]  # (I, N, D_vision)
             port.begin_items("image")
-            pending.clear()
             count, n = features.shape[:2]
-            keep = port.keep(n)
-            plans = port.plan_items(list(features), [keep] * count)
-            for plan in plans:
-                kept = plan.kept_index[0] if plan is not None else torch.arange(n, device=features.device)
-                port.add_item(VisualItem("image", keep_mask(kept, n), grid=square_grid(n)))
-            if plans[0] is None:
+            sources = None
+            if port.reads_vision_attention:
+                strategy = model.config.vision_feature_select_strategy
+                sources = [clip_feature_rows(torch.tensor(i), torch.arange(n), n, strategy) for i in range(count)]
+            parts = reduce_parts(port, list(features), [port.keep(n)] * count, "image", sources)
+            for part in parts:
+                port.add_item(VisualItem("image", part.keep(features.device), grid=square_grid(n)))
+            if all(part.plan is None for part in parts):
                 return None
-            pending.append((plans, n))
-            reduced = torch.cat([plan.apply(x[None]) for plan, x in zip(plans, features)])
-            return (reduced,) + tuple(args[1:]), kwargs
-
-        def restore(module, args, kwargs, output):
-            if not pending:
-                return None
-            plans, n = pending.pop()
-            kept_index = torch.cat([plan.kept_index for plan in plans])
-            return scatter_rows(output, kept_index, n)
+            reduced = torch.stack([part.apply(x) for part, x in zip(parts, features)])
+            return ((reduced,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "image_features": reduced})
 
         hooks.pre(model.model.multi_modal_projector, reduce)
-        hooks.post(model.model.multi_modal_projector, restore)
 
     def vision_feature_layer(self, model: torch.nn.Module) -> VisionLayer:
         config = model.config

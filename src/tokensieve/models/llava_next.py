@@ -18,8 +18,9 @@ from transformers.models.llava_next import modeling_llava_next
 from ..runtime.hooks import HookSet
 from ..runtime.port import FamilyPort
 from ..runtime.state import VisualItem
-from .base import Family, VisionLayer
-from .llava import clip_feature_layer
+from .base import Family, ReducedPart, reduce_parts
+from .llava import clip_feature_layer, clip_feature_rows
+from .vision_attention import VisionLayer
 
 
 # ---------------------------------------------------------------------------------------- geometry
@@ -167,11 +168,11 @@ class _Image:
 
 @dataclass
 class _Encoding:
-    """The images of one `get_image_features` call, from the projector's hooks to the packing."""
+    """The images of one `get_image_features` call, from the projector's hook to the packing."""
 
     images: list[_Image]
     crop_tokens: int
-    scatter_index: torch.Tensor | None = None  # (T,) flat crop-token index of each projected row
+    strategy: str  # vision_feature_select_strategy: which rows of the feature layer the crop tokens are
 
     @property
     def crops(self) -> int:
@@ -183,10 +184,10 @@ class AnyResFamily(Family):
 
     Hooks (all on `model.model`): `get_image_features` is wrapped to learn the image sizes and plan
     every image's packed layout; a pre-hook on `multi_modal_projector` reduces each crop's (N, D_vision)
-    selected-layer features (only the tokens that survive unpadding) and hands the projector one
-    (1, T, D_vision) run of kept rows; its post-hook puts the projected rows back at their places in a
-    zero (C, N, D_text) tensor; the wrapped `pack_image_features` then marks each image's kept packed
-    tokens and the image newlines and records one VisualItem per image.
+    selected-layer features (only the tokens that survive unpadding) and hands the projector the
+    (C, N, D_vision) features with each reduced crop's output at its kept rows and zeros at the rest;
+    the wrapped `pack_image_features` then marks each image's kept packed tokens and the image
+    newlines and records one VisualItem per image.
 
     Budget: an image's budget counts its packed tokens that are not newlines (base crop + unpadded
     tiles, as the language model sees them); its stage-1 keep is split over its crops in proportion
@@ -223,7 +224,6 @@ class AnyResFamily(Family):
         state: dict[str, _Encoding | None] = {"encoding": None}
         hooks.wrap_method(outer, "get_image_features", lambda fn: self._encode_wrapper(model, port, state, fn))
         hooks.pre(outer.multi_modal_projector, lambda m, a, k: self._reduce(port, state["encoding"], a, k))
-        hooks.post(outer.multi_modal_projector, lambda m, a, k, out: self._restore(state["encoding"], out))
         hooks.wrap_method(outer, "pack_image_features", lambda fn: self._pack_wrapper(port, state, fn))
         self._wrap_other_encoders(model, hooks)
 
@@ -253,7 +253,7 @@ class AnyResFamily(Family):
                                    model.config.image_grid_pinpoints, vision.image_size, max_tiles, self.helpers)
             images.append(_Image(layout, first, self._parts(port, layout, first)))
             first += count
-        return _Encoding(images, side * side)
+        return _Encoding(images, side * side, model.config.vision_feature_select_strategy)
 
     @staticmethod
     def _parts(port, layout: PackedLayout, first_crop: int) -> list[_Part]:
@@ -271,10 +271,14 @@ class AnyResFamily(Family):
             part.keep = part_keep
         return parts
 
-    # ------------------------------------------------------------------ projector hooks
+    # ------------------------------------------------------------------ projector hook
     @staticmethod
     def _reduce(port, encoding: _Encoding | None, args: tuple, kwargs: dict):
-        """Pre-hook: (C, N, D_vision) features -> (1, T, D_vision) kept (and merged) rows."""
+        """Pre-hook: (C, N, D_vision) features -> the same, each reduced crop part at its kept rows.
+
+        Crop tokens cut by unpadding and the tiles of resized images (interpolated after the projector,
+        reduced after packing) are left as they are.
+        """
         if encoding is None:
             return None
         features = args[0] if args else kwargs["image_features"]
@@ -284,45 +288,30 @@ class AnyResFamily(Family):
                 f"{encoding.crop_tokens} tokens; this vision tower / vision_feature_select_strategy pair is not supported"
             )
         parts = [p for image in encoding.images for p in image.parts if p.crop is not None]
+        sources = None
+        if port.reads_vision_attention:
+            sources = [clip_feature_rows(torch.tensor(p.crop), p.index, encoding.crop_tokens, encoding.strategy) for p in parts]
         inputs = [features[p.crop, p.index.to(features.device)] for p in parts]
-        plans = port.plan_items(inputs, [p.keep for p in parts])
-        for part, plan in zip(parts, plans):
-            part.kept = plan.kept_index[0].cpu() if plan is not None else torch.arange(part.index.numel())
-        if all(plan is None for plan in plans):
+        reduced = reduce_parts(port, inputs, [p.keep for p in parts], "image", sources)
+        features = AnyResFamily._write_parts(features, parts, inputs, reduced)
+        if features is None:
             return None
-        reduced, encoding.scatter_index = AnyResFamily._projector_rows(encoding, features, parts, plans)
-        if args:
-            return (reduced[None],) + tuple(args[1:]), kwargs
-        return args, {**kwargs, "image_features": reduced[None]}
+        return ((features,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "image_features": features})
 
     @staticmethod
-    def _projector_rows(encoding: _Encoding, features: torch.Tensor, parts: list[_Part], plans: list) -> tuple:
-        """The rows the projector maps: (T, D_vision) and the flat (crop * N + token) index of each, (T,).
-
-        Every vision-space part gives its kept (merged) rows; the tiles of resized images go in whole, as
-        the model interpolates them after the projector; crop tokens cut by unpadding are left out.
-        """
-        rows, index = [], []
-        for part, plan in zip(parts, plans):
-            x = features[part.crop, part.index.to(features.device)]
-            rows.append(plan.apply(x[None])[0] if plan is not None else x)
-            index.append(part.crop * encoding.crop_tokens + part.index[part.kept])
-        for image in encoding.images:
-            if image.layout.resized.any():
-                for crop in range(image.first_crop + 1, image.first_crop + image.layout.position.shape[0]):
-                    rows.append(features[crop])
-                    index.append(crop * encoding.crop_tokens + torch.arange(encoding.crop_tokens))
-        return torch.cat(rows), torch.cat(index).to(features.device)
-
-    @staticmethod
-    def _restore(encoding: _Encoding | None, output: torch.Tensor):
-        """Post-hook: projected (1, T, D_text) rows -> (C, N, D_text), zero at the dropped tokens."""
-        if encoding is None or encoding.scatter_index is None:
+    def _write_parts(features: torch.Tensor, parts: list[_Part], inputs: list[torch.Tensor],
+                     reduced: list[ReducedPart]) -> torch.Tensor | None:
+        """Record each part's kept tokens; (C, N, D) features with the reduced parts written in, or
+        None when no part was reduced."""
+        for part, result in zip(parts, reduced):
+            part.kept = result.keep(torch.device("cpu")).nonzero().flatten()
+        if all(result.plan is None for result in reduced):
             return None
-        index = encoding.scatter_index
-        encoding.scatter_index = None
-        full = output.new_zeros(encoding.crops * encoding.crop_tokens, output.shape[-1])
-        return full.index_copy(0, index, output[0]).view(encoding.crops, encoding.crop_tokens, -1)
+        features = features.clone()
+        for part, x, result in zip(parts, inputs, reduced):
+            if result.plan is not None:
+                features[part.crop, part.index.to(features.device)] = result.apply(x)
+        return features
 
     # ------------------------------------------------------------------ packing
     def _pack_wrapper(self, port, state: dict, original: Callable) -> Callable:
@@ -357,15 +346,11 @@ class AnyResFamily(Family):
         """
         members = [(i, p) for i, image in enumerate(encoding.images) for p in image.parts if p.crop is None]
         inputs = [features[i][p.index.to(features[i].device)] for i, p in members]
-        plans = port.plan_items(inputs, [p.keep for _, p in members])
-        for (i, part), plan in zip(members, plans):
-            if plan is None:
-                part.kept = torch.arange(part.index.numel())
-                continue
-            part.kept = plan.kept_index[0].cpu()
-            x = features[i][part.index.to(features[i].device)]
-            rows = part.index[part.kept].to(features[i].device)
-            features[i] = features[i].index_copy(0, rows, plan.apply(x[None])[0])
+        reduced = reduce_parts(port, inputs, [p.keep for _, p in members])
+        for (i, part), x, result in zip(members, inputs, reduced):
+            part.kept = result.keep(torch.device("cpu")).nonzero().flatten()
+            if result.plan is not None:
+                features[i] = features[i].index_copy(0, part.index.to(features[i].device), result.apply(x))
         return features
 
     @staticmethod

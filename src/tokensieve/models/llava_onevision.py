@@ -54,6 +54,12 @@ class LlavaOnevisionFamily(AnyResFamily):
 
         hooks.wrap_method(model.model, "get_video_features", refuse)
 
+    def vision_feature_layer(self, model: torch.nn.Module) -> None:
+        raise ValueError(
+            "this method reads the attention of the vision encoder layer behind each visual feature, and LLaVA-OneVision "
+            "interpolates the tile tokens of large images after the projector, so they are no encoder layer's rows"
+        )
+
     def check(self, model: torch.nn.Module) -> None:
         super().check(model)
         max_tiles_of(model.config.vision_aspect_ratio)

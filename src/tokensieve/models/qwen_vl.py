@@ -30,15 +30,16 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import torch
+from transformers.vision_utils import get_vision_window_index
 
-from ..ops.plan import ReductionPlan
 from ..runtime.compat import cache_in
 from ..runtime.hooks import HookSet
 from ..runtime.port import FamilyPort
 from ..runtime.schedule import Schedule
 from ..runtime.sequence import RowSelection
 from ..runtime.state import VisualItem
-from .base import Family, VisionLayer, keep_mask, scatter_rows, stage0_on_vision_side
+from .base import Family, ReducedPart, reduce_parts, stage0_on_vision_side
+from .vision_attention import VisionLayer
 
 Span = tuple[int, int]  # (start, length) of one frame group among an item's merged tokens
 
@@ -52,32 +53,26 @@ def frame_spans(grid_thw: torch.Tensor, merge: int) -> list[list[Span]]:
     return spans
 
 
-def reduce_frames(x: torch.Tensor, spans: Sequence[Span], plans: Sequence[ReductionPlan | None]) -> torch.Tensor:
-    """x (n, D) -> (n, D): each frame's plan output at its kept rows, zeros at its dropped rows.
-
-    A frame whose plan is None is copied unchanged; x itself is returned when no frame has a plan.
-    """
-    if all(plan is None for plan in plans):
+def apply_frames(x: torch.Tensor, spans: Sequence[Span], frames: Sequence[ReducedPart]) -> torch.Tensor:
+    """x (n, D) -> (n, D): each frame's plan output at its kept rows, zeros at its dropped rows (x
+    itself when no frame was reduced)."""
+    if all(frame.plan is None for frame in frames):
         return x
-    parts = []
-    for (start, length), plan in zip(spans, plans):
-        rows = x[start : start + length]
-        if plan is None:
-            parts.append(rows)
-        else:
-            parts.append(scatter_rows(plan.apply(rows[None]), plan.kept_index, length)[0])
-    return torch.cat(parts)
+    return torch.cat([frame.apply(x[start : start + length]) for (start, length), frame in zip(spans, frames)])
 
 
-def frames_keep(spans: Sequence[Span], plans: Sequence[ReductionPlan | None], device: torch.device) -> torch.Tensor:
-    """(n,) bool over an item's tokens: the concatenated per-frame keep masks."""
-    parts = []
-    for (_, length), plan in zip(spans, plans):
-        if plan is None:
-            parts.append(torch.ones(length, dtype=torch.bool, device=device))
-        else:
-            parts.append(keep_mask(plan.kept_index[0].to(device), length))
-    return torch.cat(parts)
+def feature_rows(visual: torch.nn.Module, grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
+    """(T,) long: the row of the last ViT block's reading (one per merge group, in the order the
+    blocks see them) that each of the T features the tower returns for grid_thw (I, 3) comes from.
+
+    Qwen2.5-VL's tower reorders the merge groups into attention windows before its blocks and back
+    after its merger; Qwen2-VL's and Qwen3-VL's keep the order.
+    """
+    total = int((grid_thw.prod(-1) // (merge * merge)).sum())
+    if getattr(visual, "window_size", None) is None:
+        return torch.arange(total)
+    window_index, _ = get_vision_window_index(grid_thw, merge, visual.window_size, visual.patch_size)
+    return torch.argsort(window_index.cpu())
 
 
 def check_spans(n: int, spans: Sequence[Span]) -> None:
@@ -142,10 +137,9 @@ class QwenVLFamily(Family):
 
     def install_vision_side(self, model: torch.nn.Module, port: FamilyPort, hooks: HookSet) -> None:
         outer = model.model
-        merge = outer.config.vision_config.spatial_merge_size
         reentry = _Reentry()
         for modality in ("image", "video"):
-            make = self._wrapper_factory(modality, merge, port, reentry)
+            make = self._wrapper_factory(modality, outer.visual, port, reentry)
             hooks.wrap_method(outer, f"get_{modality}_features", make)
         hooks.pre(outer, decode_positions_hook(port))
 
@@ -153,9 +147,9 @@ class QwenVLFamily(Family):
         """The last ViT block; the features are its patch merger's rows (one per 2x2 group of block rows)."""
         visual = model.model.visual
         merge = model.config.vision_config.spatial_merge_size
-        return VisionLayer(layer=visual.blocks[-1], output=visual.merger, cls=False, group=merge * merge)
+        return VisionLayer(layer=visual.blocks[-1], cls=False, group=merge * merge)
 
-    def _wrapper_factory(self, modality: str, merge: int, port: FamilyPort, reentry: _Reentry) -> Callable:
+    def _wrapper_factory(self, modality: str, visual: torch.nn.Module, port: FamilyPort, reentry: _Reentry) -> Callable:
         def make_wrapper(original: Callable) -> Callable:
             def wrapper(*args, **kwargs):
                 if reentry.active:
@@ -169,55 +163,58 @@ class QwenVLFamily(Family):
                     output = original(*args, **{**kwargs, "return_dict": True})
                 finally:
                     reentry.active = False
-                self._stage1(output, grid_thw, merge, modality, port)
+                self._vision_side(output, grid_thw, visual, modality, port)
                 return output.to_tuple() if as_tuple else output
 
             return wrapper
 
         return make_wrapper
 
-    def _stage1(self, output: Any, grid_thw: torch.Tensor, merge: int, modality: str, port: FamilyPort) -> None:
+    def _vision_side(self, output: Any, grid_thw: torch.Tensor, visual: torch.nn.Module, modality: str,
+                     port: FamilyPort) -> None:
         """Reduce every frame group of every item of `output` in place and record the items.
 
         output.pooler_output: tuple of (n_i, D), one per row of grid_thw (I, 3); deepstack_features
         (Qwen3-VL): list over deepstack layers of such tuples, reduced with the same plans.
         """
+        merge = visual.spatial_merge_size
         features = output.pooler_output
         deepstack = list(getattr(output, "deepstack_features", None) or [])
         port.begin_items(modality)
         spans = frame_spans(grid_thw, merge)
-        plans = self._plans(features, spans, port, modality)
-        output.pooler_output = tuple(reduce_frames(x, s, p) for x, s, p in zip(features, spans, plans))
+        frames = self._reduce_frames(features, spans, port, modality, visual, grid_thw)
+        output.pooler_output = tuple(apply_frames(x, s, f) for x, s, f in zip(features, spans, frames))
         if deepstack:
             output.deepstack_features = [
-                tuple(reduce_frames(x, s, p) for x, s, p in zip(layer, spans, plans)) for layer in deepstack
+                tuple(apply_frames(x, s, f) for x, s, f in zip(layer, spans, frames)) for layer in deepstack
             ]
-        for x, item_spans, item_plans, (t, h, w) in zip(features, spans, plans, grid_thw.tolist()):
+        for x, item_spans, item_frames, (t, h, w) in zip(features, spans, frames, grid_thw.tolist()):
             grid = (h // merge, w // merge) if t == 1 else None
-            keep = frames_keep(item_spans, item_plans, x.device)
+            keep = torch.cat([frame.keep(x.device) for frame in item_frames])
             segments = tuple(length for _, length in item_spans) if len(item_spans) > 1 else None
             port.add_item(VisualItem(modality, keep, grid=grid, segments=segments))
 
     @staticmethod
-    def _plans(
-        features: Sequence[torch.Tensor], spans: list[list[Span]], port: FamilyPort, modality: str
-    ) -> list[list[ReductionPlan | None]]:
-        """Stage-1 plans per item and frame group (equal sizes are planned as one batch).
+    def _reduce_frames(features: Sequence[torch.Tensor], spans: list[list[Span]], port: FamilyPort, modality: str,
+                       visual: torch.nn.Module, grid_thw: torch.Tensor) -> list[list[ReducedPart]]:
+        """Vision-side plans per item and frame group (equal sizes are planned as one batch).
 
         features: one (n_i, D) per item. Checks that grid_thw describes every item first.
         """
         for x, item_spans in zip(features, spans):
             check_spans(x.shape[0], item_spans)
+        offsets = torch.tensor([0] + [x.shape[0] for x in features]).cumsum(0).tolist()
         units = [(i, start, length) for i, item_spans in enumerate(spans) for start, length in item_spans]
-        flat = port.plan_items(
-            [features[i][start : start + length] for i, start, length in units],
-            [port.keep(length) for _, _, length in units],
-            modality,
-        )
-        plans: list[list[ReductionPlan | None]] = [[] for _ in spans]
-        for (i, _, _), plan in zip(units, flat):
-            plans[i].append(plan)
-        return plans
+        sources = None
+        if port.reads_vision_attention:
+            rows = feature_rows(visual, grid_thw, visual.spatial_merge_size)
+            sources = [rows[offsets[i] + start : offsets[i] + start + length] for i, start, length in units]
+        flat = reduce_parts(port, [features[i][start : start + length] for i, start, length in units],
+                            [port.keep(length) for _, _, length in units], modality, sources)
+        frames: list[list[ReducedPart]] = [[] for _ in spans]
+        for (i, _, _), part in zip(units, flat):
+            frames[i].append(part)
+        return frames
 
 
 class Qwen3VLFamily(QwenVLFamily):

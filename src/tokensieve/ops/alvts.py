@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-CHUNK_ELEMENTS = 1 << 21  # logits per row chunk (8 MiB in float32): the chunk's softmax stays in cache
+from .received_attention import CHUNK_ELEMENTS
 
 
 def row_weights(item: torch.Tensor, valid: torch.Tensor, max_items: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

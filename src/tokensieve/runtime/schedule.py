@@ -12,7 +12,26 @@ import torch
 
 from ..ops.plan import ReductionPlan
 
-PlanFn = Callable[[torch.Tensor, int, str], ReductionPlan]
+
+
+@dataclass(frozen=True)
+class VisionEvidence:
+    """What the vision encoder layer behind the vision-side features says of each of them (for a
+    method whose schedule `reads_vision_attention`; the family reads the layer, see
+    `tokensieve.models.vision_attention`).
+
+    Attributes:
+        score: (G, n) float32: the attention the layer pays each feature's rows (the CLS row's
+            attention where the encoder has a CLS token, else the attention each row receives).
+        keys: (G, n, d) float32: the layer's keys of each feature, mean over heads.
+    """
+
+    score: torch.Tensor
+    keys: torch.Tensor
+
+
+# (x (G, n, D), keep, evidence of x's rows or None) -> one plan of G rows keeping `keep` each
+PlanFn = Callable[[torch.Tensor, int, VisionEvidence | None], ReductionPlan]
 
 
 class BudgetUnreachable(ValueError):
@@ -115,14 +134,14 @@ class Schedule:
         num_layers: decoder layers L.
         vision_keep: n -> tokens the vision side keeps of an item whose budget counts n (n: untouched).
             Its kept indices are recorded under "stage1" in `handle.stats.kept`.
-        vision_plan: (x (G, N, D), keep, name) -> ReductionPlan for the vision side, or None.
+        vision_plan: (x (G, N, D), keep, evidence) -> ReductionPlan for the vision side, or None;
+            evidence is a VisionEvidence of x's rows when `reads_vision_attention`, else None.
         stages: reductions before decoder layers, in layer order.
         min_keep: fewest tokens a reduction keeps of an item it reduces (its operator's minimum).
         routing: per-layer selection, or None.
         vision_plan_flops: (n, keep, width) -> FLOPs of one item's vision-side plan, or None.
-        install: (model, family, hooks) -> None, or None: places the method's own hooks (e.g. a
-            capture of a vision layer's attention) with the session's HookSet, before any other
-            hook; a ValueError from it leaves nothing installed.
+        reads_vision_attention: the vision plan needs what the vision layer behind the features
+            says of them; `compress` refuses a family that cannot read that layer.
     """
 
     num_layers: int
@@ -132,7 +151,7 @@ class Schedule:
     min_keep: int = 1
     routing: Routing | None = None
     vision_plan_flops: Callable[[int, int, int], int] | None = None
-    install: Callable[[Any, Any, Any], None] | None = None
+    reads_vision_attention: bool = False
 
     def stage_at(self, layer: int) -> DecoderStage | None:
         return next((stage for stage in self.stages if stage.layer == layer), None)
@@ -207,7 +226,7 @@ class Method(Protocol):
 
 @runtime_checkable
 class NeedsSelectors(Protocol):
-    """A method whose schedule needs per-layer selectors resolved against the model first (ALVTS)."""
+    """A method whose schedule needs per-layer selectors resolved against the model first (calibrated ones, for example)."""
 
     def resolve_selectors(self, model_type: str, layers: torch.nn.ModuleList) -> Any:
         """Selectors checked against (or built from) these decoder layers; passed to `schedule`."""

@@ -16,7 +16,7 @@ from .entry import Entry
 from .generation import GenerationGuards
 from .hooks import HookSet
 from .layers import LayerHooks
-from .port import FamilyPort
+from .port import FamilyPort, VisionAttention
 from .routing import Route, Router
 from .schedule import Schedule
 from .stages import StageRunner
@@ -40,7 +40,7 @@ class Session:
         previous_input: the input of the layer before a stage that reads it.
     """
 
-    def __init__(self, model: torch.nn.Module, family: Any, schedule: Schedule) -> None:
+    def __init__(self, model: torch.nn.Module, family: Any, schedule: Schedule, attention: VisionAttention | None = None) -> None:
         self.model = model
         self.family = family
         self.schedule = schedule
@@ -48,6 +48,7 @@ class Session:
         self.hooks = HookSet()
         self.generation = GenerationGuards(self)
         self.port = FamilyPort(schedule, self.generation.tokens_behind)
+        self.port.attention = attention  # the family's reading of its vision layer, if the schedule needs it
         self.entry = Entry(self)
         self.layers = LayerHooks(self)
         self.stages = StageRunner(self)
@@ -62,8 +63,8 @@ class Session:
         """Place every hook; on any error nothing stays installed. May be called again after `remove`."""
         self._forget()
         try:
-            if self.schedule.install is not None:
-                self.schedule.install(self.model, self.family, self.hooks)
+            if self.port.attention is not None:
+                self.port.attention.install(self.hooks)
             self.family.install_vision_side(self.model, self.port, self.hooks)
             self.generation.install(self.hooks, self.model)
             self.hooks.pre(self.parts.outer, self.entry.capture_input_ids)
