@@ -14,6 +14,7 @@ to `stats_file`.
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import PIL.Image
@@ -53,6 +54,7 @@ class TokenSieve(LlavaHf):
                              f"{' or '.join(ts.api.SUPPORTED_ATTENTION)}")
         self.batch_size_per_gpu = check_batch_size(batch_size)
         self.accelerator = Accelerator()
+        # lmms-eval sets rank and world size again from the launcher's environment (torchrun on CPU too)
         self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
         self._device = torch.device(device or default_device(self.accelerator))
         self._model = AutoModelForImageTextToText.from_pretrained(
@@ -69,8 +71,8 @@ class TokenSieve(LlavaHf):
         self.recorder = Recorder()
         if self.settings.method is not None:
             ts.compress(self._model, self.settings.method).remove()  # the method fits this model: checked now
-        logger.info(f"tokensieve: {self.settings.label} on {self.settings.pretrained}, process {self._rank} of "
-                    f"{self._world_size}, {self._device}, batch size {self.batch_size_per_gpu}")
+        logger.info(f"tokensieve: {self.settings.label} on {self.settings.pretrained}, {self._device}, "
+                    f"batch size {self.batch_size_per_gpu}")
 
     @property
     def model(self):
@@ -193,8 +195,9 @@ def check_batch_size(batch_size: int | str) -> int:
 
 
 def default_device(accelerator: Accelerator) -> str:
-    """This process's GPU when there are GPUs, else the CPU."""
-    return f"cuda:{accelerator.local_process_index}" if torch.cuda.is_available() else "cpu"
+    """This process's GPU when there are GPUs (accelerate launch or torchrun), else the CPU."""
+    local = int(os.environ.get("LOCAL_RANK", accelerator.local_process_index))
+    return f"cuda:{local}" if torch.cuda.is_available() else "cpu"
 
 
 def dtype_of(name: str):
