@@ -55,10 +55,22 @@ def check_command(args: argparse.Namespace) -> None:
     """lmms-eval installed, every run's model arguments valid (checkpoint, model type, methods, fields)."""
     if importlib.util.find_spec("lmms_eval") is None:
         raise ValueError('lmms-eval is not installed; pip install "tokensieve[lmms-eval]"')
+    check_torchvision()
     from .evaluate import parse_method_args, plan_runs
 
     args.runs = plan_runs(args.model, args.methods, args.budgets, parse_method_args(args.method_args),
                           {"dtype": args.dtype, "attn_implementation": args.attn}, Path(args.out))
+
+
+def check_torchvision() -> None:
+    """lmms-eval imports torchvision when it is installed; PyPI's build fails beside a CPU build of torch."""
+    if importlib.util.find_spec("torchvision") is None:
+        return
+    try:
+        import torchvision  # noqa: F401
+    except (RuntimeError, ImportError) as error:
+        raise ValueError(f"torchvision is installed but does not import beside this torch ({error}); remove it "
+                         "(pip uninstall torchvision) or install the build that matches torch") from None
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -1,0 +1,180 @@
+"""tokensieve as an lmms-eval model, through lmms-eval's real command line, offline.
+
+`tokensieve eval` runs `python -m lmms_eval --model tokensieve` on the local task `tokensieve_scenes`
+(the small VLM's first 40 held-out test questions) uncompressed and with ApET at 64, in batches of 7
+(the last batch holds 5). lmms-eval's own results files are read back and each run's accuracy must
+EQUAL `tokensieve bench accuracy`'s on the same questions (another harness: its own prompts, one
+forward per batch of 50, argmax instead of generate), with the same visual tokens per layer and the
+same decoder FLOPs. Two processes (torchrun; accelerate's launcher starts one process on a CPU) must
+give the numbers of one.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from cli_refusal import refusal
+from tokensieve.bench import accuracy as bench
+from tokensieve.integrations.lmms_eval import TASKS_DIR, evaluate, scenes_task
+from tokensieve.integrations.lmms_eval import settings as S
+from tokensieve.smallvlm import CHECKPOINT
+
+QUESTIONS = 40
+TASK = "tokensieve_scenes"
+
+
+@pytest.fixture(scope="module")
+def offline(tmp_path_factory):
+    """No network, a private HF cache, one thread per process; restored afterwards."""
+    values = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+              "HF_HOME": str(tmp_path_factory.mktemp("hf")), "OMP_NUM_THREADS": "1"}
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    yield
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def evaluated(offline, tmp_path_factory):
+    """`tokensieve eval` on the small VLM: (its output folder, its records)."""
+    from tokensieve import cli
+
+    out = tmp_path_factory.mktemp("eval")
+    status = cli.main(["eval", "--model", str(CHECKPOINT), "--tasks", TASK, "--methods", "apet", "--budgets", "64",
+                       "--limit", str(QUESTIONS), "--batch-size", "7", "--dtype", "float32", "--out", str(out)])
+    assert status == 0
+    return out, json.loads((out / "eval.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """`tokensieve bench accuracy` on the same questions: {method: Record}."""
+    records, skipped = bench.run_accuracy(CHECKPOINT, methods=("ApET",), budgets=(64,), limit=QUESTIONS, progress=False)
+    assert skipped == []
+    return {r.method: r for r in records}
+
+
+def lmms_eval_accuracy(folder: Path) -> tuple[float, int]:
+    """(exact match, documents) from the results file lmms-eval wrote under folder."""
+    (results_file,) = folder.rglob("*_results.json")
+    results = json.loads(results_file.read_text())
+    return results["results"][TASK]["exact_match,none"], results["n-samples"][TASK]["effective"]
+
+
+@pytest.mark.parametrize("run, method", [("full", "full"), ("ApET_64", "ApET")])
+def test_lmms_eval_accuracy_equals_bench_accuracy(evaluated, reference, run, method):
+    out, _ = evaluated
+    accuracy, documents = lmms_eval_accuracy(out / run)
+    assert documents == QUESTIONS
+    assert accuracy == reference[method].accuracy
+    stats = json.loads((out / run / "tokensieve_stats.json").read_text())["tasks"][TASK]
+    assert stats["prompts"] == QUESTIONS
+    assert stats["mean_visual_tokens_per_layer"] == pytest.approx(reference[method].mean_tokens_per_layer)
+    model, _, _ = bench.load_checkpoint(CHECKPOINT)
+    decoder_and_selection = reference[method].prefill_flops - bench.vision_flops(model.config)
+    assert stats["prefill_flops"] == pytest.approx(decoder_and_selection, rel=1e-9)
+
+
+def test_eval_reports_retention_against_the_uncompressed_run(evaluated, reference, capsys):
+    _, records = evaluated
+    assert [(r["method"], r["budget"], r["task"]) for r in records] == [("full", None, TASK), ("ApET", 64, TASK)]
+    full, apet = records
+    assert apet["retention"] == pytest.approx(reference["ApET"].accuracy / reference["full"].accuracy)
+    assert (full["mean_visual_tokens_per_layer"], apet["mean_visual_tokens_per_layer"]) == (576.0, 64.0)
+    assert apet["prefill_flops"] < full["prefill_flops"] / 5
+
+
+def test_two_processes_give_the_numbers_of_one(evaluated, tmp_path):
+    out, records = evaluated
+    (run,) = [r for r in evaluate.plan_runs(str(CHECKPOINT), ["apet"], [64], {}, {"dtype": "float32"}, tmp_path)
+              if r.budget == 64]
+    evaluate.execute(run, evaluate.command(run, [TASK], [], QUESTIONS, batch_size=7, num_processes=2))
+    assert lmms_eval_accuracy(run.folder) == lmms_eval_accuracy(out / "ApET_64")
+    two = json.loads((run.folder / "tokensieve_stats.json").read_text())["tasks"][TASK]
+    one = json.loads((out / "ApET_64" / "tokensieve_stats.json").read_text())["tasks"][TASK]
+    assert two == pytest.approx(one, rel=1e-12)
+
+
+def test_the_task_file_holds_the_generators_test_questions_in_order():
+    lines = (TASKS_DIR / TASK / "questions.jsonl").read_text().splitlines()
+    assert len(lines) == scenes_task.QUESTIONS
+    assert [json.loads(line) for line in lines[:100]] == scenes_task.question_records(100)
+    bench_questions = [(s.question, s.answer) for s in bench.S.split_samples("test", 100)]
+    assert [(json.loads(line)["question"], json.loads(line)["answer"]) for line in lines[:100]] == bench_questions
+
+
+def test_a_document_that_disagrees_with_the_generator_is_refused():
+    doc = json.loads((TASKS_DIR / TASK / "questions.jsonl").read_text().splitlines()[0])
+    assert scenes_task.image_of(doc).size == (192, 192)
+    with pytest.raises(ValueError, match="rewrite it"):
+        scenes_task.image_of({**doc, "answer": "nothing"})
+
+
+# ---------------------------------------------------------------- bad input, before any weights
+
+@pytest.fixture
+def config_only(tmp_path):
+    """A folder with the small VLM's config.json and no weights: loading weights from it would fail."""
+    folder = tmp_path / "config_only"
+    folder.mkdir()
+    (folder / "config.json").write_text((CHECKPOINT / "config.json").read_text())
+    return folder
+
+
+def test_unknown_method_lists_the_registry_before_weights(config_only):
+    from tokensieve.integrations.lmms_eval.model import TokenSieve
+
+    with pytest.raises(ValueError, match=r"unknown method 'fastest'; choose among none \(uncompressed\), ApET, ALVTS"):
+        TokenSieve(pretrained=str(config_only), method="fastest", budget=64)
+
+
+def test_unsupported_model_type_lists_the_supported_ones(tmp_path):
+    folder = tmp_path / "qwen"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
+    with pytest.raises(ValueError, match="model_type 'qwen2_5_vl'.*supported model_types: llava, llava_next, "
+                                         "llava_onevision"):
+        S.resolve(str(folder), "apet", {"budget": 64})
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError, match="model_type 'bert'.*supported model_types"):
+        S.resolve(str(folder), "none", {})
+
+
+@pytest.mark.parametrize("pretrained, message", [("missing/folder/model", "checkpoint folder missing/folder/model does "
+                                                                         "not exist"),
+                                                 ("./model", "checkpoint folder ./model does not exist")])
+def test_a_missing_checkpoint_folder_says_so(pretrained, message):
+    with pytest.raises(ValueError, match=message):
+        S.resolve(pretrained, "apet", {"budget": 64})
+
+
+def test_method_fields_are_checked_before_weights(config_only):
+    from tokensieve.integrations.lmms_eval.model import TokenSieve
+
+    with pytest.raises(ValueError, match="ApET has no field stages; its fields: budget, ratio"):
+        TokenSieve(pretrained=str(config_only), method="apet", stages=2)
+    with pytest.raises(ValueError, match="method=none .* takes no method fields; got budget"):
+        TokenSieve(pretrained=str(config_only), method="none", budget=64)
+    with pytest.raises(ValueError, match="ApET: layer must be"):
+        TokenSieve(pretrained=str(config_only), method="apet", budget=64, layer="middle")
+    with pytest.raises(ValueError, match="attn_implementation='flash_attention_2' is not supported"):
+        TokenSieve(pretrained=str(config_only), method="apet", budget=64, attn_implementation="flash_attention_2")
+    selectors = S.resolve(str(CHECKPOINT), "alvts", {"budget": 64}).method.selectors
+    assert Path(selectors) == CHECKPOINT / "alvts_selectors.safetensors"
+
+
+def test_eval_refuses_bad_input_before_any_run(capsys, tmp_path):
+    out = tmp_path / "out"
+    base = ["eval", "--model", str(CHECKPOINT), "--tasks", TASK, "--out", str(out)]
+    assert "unknown method 'fastest'" in refusal(base + ["--methods", "fastest"], capsys)
+    assert "does not exist" in refusal(["eval", "--model", str(tmp_path / "none"), "--tasks", TASK], capsys)
+    assert "not METHOD:FIELD=VALUE" in refusal(base + ["--method-args", "alvts"], capsys)
+    assert "--methods does not run" in refusal(base + ["--methods", "apet", "--method-args", "alvts:rank=8"], capsys)
+    assert not out.exists()
