@@ -178,3 +178,11 @@ def test_eval_refuses_bad_input_before_any_run(capsys, tmp_path):
     assert "not METHOD:FIELD=VALUE" in refusal(base + ["--method-args", "alvts"], capsys)
     assert "--methods does not run" in refusal(base + ["--methods", "apet", "--method-args", "alvts:rank=8"], capsys)
     assert not out.exists()
+
+
+def test_eval_plans_one_run_per_method_and_ratio_kept(tmp_path):
+    runs = evaluate.plan_runs(str(CHECKPOINT), ["apet", "ALVTS"], [64], {"alvts": {"start_layer": "0"}},
+                              {"dtype": "float32"}, tmp_path, ratios=[0.2, 0.5])
+    assert [r.label for r in runs] == ["full", "ApET ratio 0.2", "ApET ratio 0.5", "ALVTS ratio 0.2", "ALVTS ratio 0.5"]
+    assert "method=alvts,ratio=0.5,start_layer=0," in runs[-1].model_args and "budget" not in runs[-1].model_args
+    assert runs[-1].folder == tmp_path / "ALVTS_ratio0.5"

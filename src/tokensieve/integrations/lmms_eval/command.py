@@ -20,8 +20,11 @@ def add_eval_command(commands) -> None:
     run.add_argument("--model", required=True, help="checkpoint folder (save_pretrained) or hub id")
     run.add_argument("--tasks", type=task_list, required=True, help="lmms-eval task names, comma-separated")
     run.add_argument("--methods", nargs="+", default=["apet", "alvts"], help="registry names (default: %(default)s)")
-    run.add_argument("--budgets", type=arg.positive_int, nargs="+", default=[192, 128, 64],
-                     help="mean visual tokens per decoder layer (default: %(default)s)")
+    amounts = run.add_mutually_exclusive_group()
+    amounts.add_argument("--budgets", type=arg.positive_int, nargs="+", default=[192, 128, 64],
+                         help="mean visual tokens per decoder layer (default: %(default)s)")
+    amounts.add_argument("--ratios", type=arg.fraction, nargs="+", default=[],
+                         help="instead of budgets: the fraction of each image's visual tokens KEPT, e.g. 0.2")
     run.add_argument("--method-args", nargs="+", default=[], metavar="METHOD:FIELD=VALUE,...",
                      help="a method's own fields, e.g. alvts:selectors=sel.safetensors,start_layer=0")
     run.add_argument("--limit", type=arg.positive_int, default=None, help="the first N documents of each task only")
@@ -59,7 +62,7 @@ def check_command(args: argparse.Namespace) -> None:
     from .evaluate import parse_method_args, plan_runs
 
     args.runs = plan_runs(args.model, args.methods, args.budgets, parse_method_args(args.method_args),
-                          {"dtype": args.dtype, "attn_implementation": args.attn}, Path(args.out))
+                          {"dtype": args.dtype, "attn_implementation": args.attn}, Path(args.out), args.ratios)
 
 
 def check_torchvision() -> None:

@@ -27,13 +27,19 @@ class Run:
     """One lmms-eval run: the uncompressed model (method "full", budget None) or a method at a budget."""
 
     method: str
-    budget: int | None
+    budget: int | float | None  # tokens, or the fraction kept when `ratio`
     model_args: str
     folder: Path
+    ratio: bool = False
 
     @property
     def label(self) -> str:
-        return FULL if self.budget is None else f"{self.method} {self.budget}"
+        return FULL if self.budget is None else f"{self.method} {amount(self.budget, self.ratio)}"
+
+
+def amount(budget: int | float | None, ratio: bool) -> str:
+    """64, or 'ratio 0.2'; '-' for the uncompressed model."""
+    return "-" if budget is None else f"ratio {budget:g}" if ratio else str(budget)
 
 
 @dataclass
@@ -41,7 +47,7 @@ class Record:
     """One task of one run."""
 
     method: str
-    budget: int | None
+    budget: int | float | None
     task: str
     metric: str
     score: float
@@ -50,6 +56,8 @@ class Record:
     prefill_flops: float
     prompts: int
     results_file: str
+    metrics: dict  # every metric lmms-eval reported for the task (its standard errors too)
+    ratio: bool = False  # budget is the fraction of visual tokens kept
 
 
 def parse_method_args(items: list[str]) -> dict[str, dict[str, str]]:
@@ -65,29 +73,32 @@ def parse_method_args(items: list[str]) -> dict[str, dict[str, str]]:
 
 
 def plan_runs(model: str, methods: list[str], budgets: list[int], method_args: dict[str, dict[str, str]],
-              common: dict[str, str], out: Path) -> list[Run]:
-    """The runs, each checked by the model's own argument checks (nothing is loaded)."""
+              common: dict[str, str], out: Path, ratios: list[float] = ()) -> list[Run]:
+    """The runs: every method at every budget (or every ratio kept, when ratios are given), each checked
+    by the model's own argument checks (nothing is loaded)."""
     unused = set(method_args) - {m.lower() for m in methods}
     if unused:
         raise ValueError(f"--method-args names {', '.join(sorted(unused))}, which --methods does not run")
     base = {"pretrained": str(Path(model).expanduser().resolve()) if Path(model).expanduser().exists() else model,
             **common}
-    runs = [make_run(base, S.UNCOMPRESSED, FULL, None, {}, out)]
+    runs = [make_run(base, S.UNCOMPRESSED, FULL, None, {}, out, False)]
+    field, amounts = ("ratio", list(ratios)) if ratios else ("budget", list(budgets))
     for name in methods:
         display = S.method_entry(name).name
-        for budget in budgets:
-            fields = {"budget": str(budget), **method_args.get(name.lower(), {})}
-            runs.append(make_run(base, name, display, budget, fields, out))
+        for value in amounts:
+            fields = {field: str(value), **method_args.get(name.lower(), {})}
+            runs.append(make_run(base, name, display, value, fields, out, bool(ratios)))
     return runs
 
 
-def make_run(base: dict, name: str, display: str, budget: int | None, fields: dict[str, str], out: Path) -> Run:
+def make_run(base: dict, name: str, display: str, budget, fields: dict[str, str], out: Path, ratio: bool) -> Run:
     from lmms_eval.utils import handle_arg_string  # the model receives values as lmms-eval parses them
 
     S.resolve(base["pretrained"], name, {k: handle_arg_string(v) for k, v in fields.items()})
-    folder = out / (FULL if budget is None else f"{display}_{budget}")
+    folder = out / (FULL if budget is None else f"{display}_{'ratio' if ratio else ''}{budget:g}")
     values = {**base, "method": name.lower(), **fields, "stats_file": str(folder / "tokensieve_stats.json")}
-    return Run(display if budget is not None else FULL, budget, ",".join(f"{k}={v}" for k, v in values.items()), folder)
+    return Run(display if budget is not None else FULL, budget, ",".join(f"{k}={v}" for k, v in values.items()),
+               folder, ratio)
 
 
 def launcher(num_processes: int) -> list[str]:
@@ -147,7 +158,8 @@ def records_of(run: Run, results: dict, tasks: list[str]) -> list[Record]:
                                f"see {run.folder / 'lmms_eval.log'}")
         metric, score = first_metric(results["results"][task])
         records.append(Record(run.method, run.budget, task, metric, score, 1.0, stats[task]["mean_visual_tokens_per_layer"],
-                              stats[task]["prefill_flops"], stats[task]["prompts"], results["results_file"]))
+                              stats[task]["prefill_flops"], stats[task]["prompts"], results["results_file"],
+                              results["results"][task], run.ratio))
     return records
 
 
@@ -172,16 +184,16 @@ def run_eval(runs: list[Run], tasks: list[str], include_paths: list[str], limit:
 def markdown_table(records: list[Record]) -> str:
     """A row per run: each task's retention (its score), mean retention, visual tokens per layer, FLOPs."""
     tasks = list(dict.fromkeys(r.task for r in records))
-    runs = list(dict.fromkeys((r.method, r.budget) for r in records))
+    runs = list(dict.fromkeys((r.method, r.budget, r.ratio) for r in records))
     head = "| method | budget | " + " | ".join(tasks) + " | mean retention | visual tokens/layer | prefill GFLOPs |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for method, budget in runs:
-        mine = [r for r in records if (r.method, r.budget) == (method, budget)]
+    for method, budget, ratio in runs:
+        mine = [r for r in records if (r.method, r.budget, r.ratio) == (method, budget, ratio)]
         cells = " | ".join(f"{100 * r.retention:.1f} ({r.score:.4g})" for r in mine)
         mean = sum(r.retention for r in mine) / len(mine)
         tokens = sum(r.mean_visual_tokens_per_layer for r in mine) / len(mine)
         flops = sum(r.prefill_flops for r in mine) / len(mine)
-        lines.append(f"| {method} | {budget or '-'} | {cells} | {100 * mean:.1f} | {tokens:.1f} | {flops / 1e9:.3f} |")
+        lines.append(f"| {method} | {amount(budget, ratio)} | {cells} | {100 * mean:.1f} | {tokens:.1f} | {flops / 1e9:.3f} |")
     return "\n".join(lines)
 
 
