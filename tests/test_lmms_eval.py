@@ -186,3 +186,40 @@ def test_eval_plans_one_run_per_method_and_ratio_kept(tmp_path):
     assert [r.label for r in runs] == ["full", "ApET ratio 0.2", "ApET ratio 0.5", "ALVTS ratio 0.2", "ALVTS ratio 0.5"]
     assert "method=alvts,ratio=0.5,start_layer=0," in runs[-1].model_args and "budget" not in runs[-1].model_args
     assert runs[-1].folder == tmp_path / "ALVTS_ratio0.5"
+
+
+@pytest.mark.parametrize("method, fields", [("none", {}), ("apet", {"budget": 64})])
+def test_loglikelihood_is_the_answers_loss_under_the_method(method, fields):
+    """The tokensieve model's loglikelihood (llava_hf's convention) inside the handle: the loss of the
+    answer equals -log p(answer) from one forward of the small VLM on its own prompt (ApET's selection
+    reads no text, so the appended answer cannot change it), and the record counts the prefills."""
+    import torch
+    from lmms_eval.api.instance import Instance
+
+    import tokensieve as ts
+    from tokensieve.integrations.lmms_eval.model import TokenSieve
+    from tokensieve.smallvlm import model as M
+
+    lm = TokenSieve(pretrained=str(CHECKPOINT), method=method, dtype="float32", **fields)
+    docs = [json.loads(line) for line in (TASKS_DIR / TASK / "questions.jsonl").read_text().splitlines()[:3]]
+    lm.task_dict = {TASK: {"test": docs}}
+    requests = [Instance("loglikelihood", (doc["question"], doc["answer"], lambda d: [scenes_task.image_of(d)], i, TASK,
+                                           "test"), idx=0, metadata={"task": TASK, "doc_id": i, "repeats": 1})
+                for i, doc in enumerate(docs)]
+    losses = [loss for loss, _ in lm.loglikelihood(requests)]
+
+    model, processor = M.load(str(CHECKPOINT))
+    images = [scenes_task.image_of(doc) for doc in docs]
+    inputs = processor(images=images, text=[M.prompt(d["question"]) for d in docs], return_tensors="pt", padding=True)
+    method_instance = None if method == "none" else ts.registry.method(method, **fields)
+    handle = ts.compress(model, method_instance) if method_instance else None
+    try:
+        with torch.no_grad():
+            logits = model(**inputs, logits_to_keep=1).logits[:, -1].log_softmax(-1)
+    finally:
+        if handle is not None:
+            handle.remove()
+    answers = processor.tokenizer.convert_tokens_to_ids([d["answer"] for d in docs])
+    assert losses == pytest.approx([-logits[i, a].item() for i, a in enumerate(answers)], rel=1e-4, abs=1e-5)
+    recorded = lm.recorder.gathered()[TASK]
+    assert recorded.prompts == 3 and recorded.visual_tokens_per_layer / 3 == (576.0 if method == "none" else 64.0)

@@ -4,11 +4,13 @@
         --model_args pretrained=llava-hf/llava-1.5-7b-hf,method=apet,budget=64,dtype=float16 \
         --tasks pope --batch_size 8 --output_path out/
 
-It builds on lmms-eval's own `llava_hf` wrapper (`LlavaHf`): the same prompts (the processor's chat
-template, or the Vicuna template `llava_hf` falls back to), its tokenizer helpers and its
-`loglikelihood`, so `method=none` gives that wrapper's numbers. It replaces what does not fit:
-loading (any process count, on CPU too, sharding requests by rank) and `generate_until` (batches above
-one with left padding, `until` applied, and errors raised instead of turned into empty answers).
+It builds on lmms-eval's own `llava_hf` wrapper (`LlavaHf`): the same prompts (the tokenizer's chat
+template, or the Vicuna template `llava_hf` falls back to) and its tokenizer helpers, so `method=none`
+gives that wrapper's numbers. It replaces what does not fit: loading (any process count, on CPU too,
+sharding requests by rank), `generate_until` (batches above one with left padding, `until` applied,
+and errors raised instead of turned into empty answers) and `loglikelihood` (the same convention, but
+the context measured with its images, which transformers 5 requires, and the continuation's rows found
+by their input positions in a compressed output).
 Every call runs inside `tokensieve.compress(model, method)`; see `recording` for what each run writes
 to `stats_file`.
 """
@@ -93,14 +95,40 @@ class TokenSieve(LlavaHf):
         for task, indices in by_task(requests).items():
             self.recorder.task = task
             with self._compressed() as handle, self.recorder.watching(self.model, handle):
-                for index, result in zip(indices, super().loglikelihood([requests[i] for i in indices])):
-                    results[index] = result
+                for index in indices:
+                    results[index] = self._loglikelihood(handle, *requests[index].args)
         self._write_stats()
         return results
 
     def generate_until_multi_round(self, requests) -> list[str]:
         raise NotImplementedError("the tokensieve lmms-eval model has no multi-round generation; a later turn on a "
                                   "compressed cache is tokensieve's own API (docs/using-handles.md)")
+
+    @torch.inference_mode()
+    def _loglikelihood(self, handle, context, target, doc_to_visual, doc_id, task, split) -> tuple[float, bool]:
+        """As lmms-eval's llava_hf (its convention: the continuation's mean loss, and whether greedy decoding
+        gives it), with the context's length counted with its images, which transformers 5 requires. A
+        compressed output has fewer rows than the input: the continuation's rows are found by their input
+        positions (`handle.stats.positions`)."""
+        doc = self.task_dict[task][split][doc_id]
+        continuation = target if isinstance(target, str) else target(doc)
+        images = self.flatten([doc_to_visual(doc)])
+        context = self.with_placeholders(context, len(images))
+        messages = [{"role": "user", "content": context}, {"role": "assistant", "content": continuation}]
+        template = self.chat_template or self.tokenizer.chat_template or VICUNA_CHAT_TEMPLATE
+        prompt = self.tokenizer.apply_chat_template(messages[:1], chat_template=template, tokenize=False,
+                                                    add_generation_prompt=True)
+        whole = self.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
+        inputs = self._image_processor(images=images or None, text=[whole], return_tensors="pt")
+        inputs = inputs.to(self._device, self.model.dtype)
+        start = self._image_processor(images=images or None, text=[prompt], return_tensors="pt")["input_ids"].shape[1]
+        ids = inputs["input_ids"][0]
+        logits = self.model(**inputs).logits[0]  # (S_out, V)
+        positions = handle.stats.positions[0] if handle is not None else torch.arange(len(ids), device=ids.device)
+        rows = torch.stack([(positions == p).nonzero()[0, 0] for p in range(start - 1, len(ids) - 1)])
+        predicted, wanted = logits[rows].float(), ids[start:]
+        loss = torch.nn.functional.cross_entropy(predicted, wanted)
+        return float(loss), bool((predicted.argmax(-1) == wanted).all())
 
     def _compressed(self):
         """The method's handle as a with block, or a block that does nothing for the uncompressed model."""
@@ -135,11 +163,17 @@ class TokenSieve(LlavaHf):
         decoded = self.tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         return [cut_at(text, options["until"]) for text in decoded]
 
-    def prompt(self, context: str, images: int) -> str:
-        """As lmms-eval's llava_hf: image placeholders before the text unless it has them, then the chat
-        template (given, the tokenizer's own, or Vicuna's)."""
+    @staticmethod
+    def with_placeholders(context: str, images: int) -> str:
+        """As lmms-eval's llava_hf: one image placeholder per image before the text, unless it has them."""
         if images and DEFAULT_IMAGE_TOKEN not in context:
-            context = " ".join([DEFAULT_IMAGE_TOKEN] * images) + "\n" + context
+            return " ".join([DEFAULT_IMAGE_TOKEN] * images) + "\n" + context
+        return context
+
+    def prompt(self, context: str, images: int) -> str:
+        """As lmms-eval's llava_hf: the image placeholders, then the chat template (given, the tokenizer's
+        own, or Vicuna's)."""
+        context = self.with_placeholders(context, images)
         template = self.chat_template or self.tokenizer.chat_template or VICUNA_CHAT_TEMPLATE
         return self.tokenizer.apply_chat_template([{"role": "user", "content": context}], chat_template=template,
                                                   tokenize=False, add_generation_prompt=True)
