@@ -77,9 +77,15 @@ def check_torchvision() -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    import sys
+
     from .evaluate import markdown_table, plot, run_eval, write_json
 
-    records = run_eval(args.runs, args.tasks, args.include_path, args.limit, args.batch_size, args.num_processes)
+    try:
+        records = run_eval(args.runs, args.tasks, args.include_path, args.limit, args.batch_size, args.num_processes)
+    except RuntimeError as error:  # a run wrote no results: its log's end says why
+        print(f"{args.prog}: error: {error}", file=sys.stderr)
+        return 1
     print(markdown_table(records))
     print("\nretention = score / the uncompressed model's on the same task, % (the score in brackets: the task's first "
           "metric); visual tokens/layer and prefill GFLOPs (decoder layers and selection, vision tower excluded) are "

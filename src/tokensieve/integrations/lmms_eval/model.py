@@ -55,12 +55,13 @@ class TokenSieve(LlavaHf):
             raise ValueError(f"attn_implementation={attn_implementation!r} is not supported; use "
                              f"{' or '.join(ts.api.SUPPORTED_ATTENTION)}")
         self.batch_size_per_gpu = check_batch_size(batch_size)
+        torch_dtype = dtype_of(dtype)
         self.accelerator = Accelerator()
         # lmms-eval sets rank and world size again from the launcher's environment (torchrun on CPU too)
         self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
         self._device = torch.device(device or default_device(self.accelerator))
         self._model = AutoModelForImageTextToText.from_pretrained(
-            self.settings.pretrained, dtype=dtype_of(dtype), attn_implementation=attn_implementation,
+            self.settings.pretrained, dtype=torch_dtype, attn_implementation=attn_implementation,
             device_map=device_map or self._device, trust_remote_code=trust_remote_code).eval()
         self._image_processor = AutoProcessor.from_pretrained(self.settings.pretrained,
                                                               trust_remote_code=trust_remote_code)
