@@ -223,3 +223,31 @@ def test_loglikelihood_is_the_answers_loss_under_the_method(method, fields):
     assert losses == pytest.approx([-logits[i, a].item() for i, a in enumerate(answers)], rel=1e-4, abs=1e-5)
     recorded = lm.recorder.gathered()[TASK]
     assert recorded.prompts == 3 and recorded.visual_tokens_per_layer / 3 == (576.0 if method == "none" else 64.0)
+
+
+def test_generate_until_answers_interleaved_tasks_in_request_order():
+    """Requests of two tasks, interleaved, in batches of 3 (lmms-eval sorts each task's requests by length):
+    every answer comes back at its request's place and equals the small VLM's own greedy answer under
+    ApET; each task's record counts its own prompts."""
+    from lmms_eval.api.instance import Instance
+
+    import tokensieve as ts
+    from tokensieve.integrations.lmms_eval.model import TokenSieve
+    from tokensieve.smallvlm import model as M
+
+    lm = TokenSieve(pretrained=str(CHECKPOINT), method="apet", budget=64, dtype="float32", batch_size=3)
+    docs = [json.loads(line) for line in (TASKS_DIR / TASK / "questions.jsonl").read_text().splitlines()[:7]]
+    lm.task_dict = {"a": {"test": docs}, "b": {"test": docs}}
+    order = [("a", 0), ("b", 5), ("a", 1), ("a", 2), ("b", 6), ("a", 3), ("a", 4)]
+    options = {"max_new_tokens": 1, "temperature": 0, "do_sample": False}
+    requests = [Instance("generate_until", (docs[i]["question"], dict(options), lambda d: [scenes_task.image_of(d)], i,
+                                            task, "test"), idx=0, metadata={"task": task, "doc_id": i, "repeats": 1})
+                for task, i in order]
+    answers = lm.generate_until(requests)
+
+    model, processor = M.load(str(CHECKPOINT))
+    with ts.compress(model, ts.ApET(budget=64)):
+        expected = M.answer(model, processor, [scenes_task.image_of(d) for d in docs], [d["question"] for d in docs])
+    assert answers == [expected[i] for _, i in order]
+    recorded = lm.recorder.gathered()
+    assert (recorded["a"].prompts, recorded["b"].prompts) == (5, 2)
