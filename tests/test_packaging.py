@@ -20,11 +20,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = ROOT / "src" / "tokensieve" / "smallvlm" / "checkpoint"
-CHECKPOINT_FILES = ("alvts_selectors.safetensors", "config.json", "generation_config.json", "model.safetensors",
-                    "processor_config.json", "tokenizer.json", "tokenizer_config.json", "training.json")
+CHECKPOINT_FILES = ("alvts_selectors.safetensors", "chat_template.jinja", "config.json", "generation_config.json",
+                    "model.safetensors", "processor_config.json", "tokenizer.json", "tokenizer_config.json", "training.json")
 MODULES = ("tokensieve/bench/accuracy.py", "tokensieve/bench/demo.py", "tokensieve/bench/speed.py",
            "tokensieve/smallvlm/__init__.py", "tokensieve/smallvlm/model.py", "tokensieve/smallvlm/scenes.py",
-           "tokensieve/smallvlm/ground_truth.py", "tokensieve/smallvlm/calibrate.py", "tokensieve/viz.py")
+           "tokensieve/smallvlm/ground_truth.py", "tokensieve/smallvlm/calibrate.py", "tokensieve/viz.py",
+           "tokensieve/integrations/lmms_eval/model.py", "tokensieve/integrations/lmms_eval/evaluate.py",
+           "tokensieve/integrations/lmms_eval/tasks/tokensieve_scenes/tokensieve_scenes.yaml",
+           "tokensieve/integrations/lmms_eval/tasks/tokensieve_scenes/utils.py",
+           "tokensieve/integrations/lmms_eval/tasks/tokensieve_scenes/questions.jsonl")
 
 
 def digest(data: bytes) -> str:
@@ -80,6 +84,8 @@ def test_wheel_carries_the_benchmarks_and_the_small_vlms_checkpoint_byte_for_byt
     assert not any(name.startswith("bench/") for name in names)
     assert any(line.split()[1].startswith("matplotlib") for line in requires), requires
     assert "tokensieve = tokensieve.cli:main" in entry_points
+    assert "[lmms_eval.models]\ntokensieve = tokensieve.integrations.lmms_eval:manifests" in entry_points
+    assert any("lmms-eval" in line and 'extra == "lmms-eval"' in line for line in requires), requires
 
 
 def test_bench_accuracy_runs_from_the_unpacked_wheel_alone(unpacked, tmp_path):

@@ -5,6 +5,8 @@
                          [--dtype float32]
     tokensieve bench speed [--shape llava-1.5-7b] [--budgets 192 128 64] [--json PATH]
     tokensieve bench accuracy [--budgets 192 128 64 32] [--limit N] [--json PATH]
+    tokensieve eval --model PATH --tasks T1,T2 [--methods apet alvts] [--budgets 192 128 64] [--limit N]
+                    [--num-processes N]   (needs tokensieve[lmms-eval]; tokensieve/integrations/lmms_eval)
 
 Every bad argument fails before any work (no model loaded, nothing fitted or written) with one line
 on stderr, `tokensieve COMMAND: error: what is wrong; how to fix it`, and exit status 2: argparse
@@ -51,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_run_demo, check=_no_check, prog=demo.prog)
     _add_calibrate(commands)
     _add_bench(commands)
+    from .integrations.lmms_eval.command import add_eval_command
+
+    add_eval_command(commands)
     return parser
 
 
