@@ -9,8 +9,9 @@ against the same model under SDPA on the same GPU. bfloat16 keeps about 3 signif
 change which tokens a method keeps on a tiny random model, so where the CPU suite asks for 1e-4 and equal
 tokens, this compares FlashAttention with SDPA on the same kept tokens (SDPA's, replayed under both by
 `Replay`; for ALVTS, whose routing has no replay, when both kept the same) by the cosine similarity of the
-logits, and checks exactly only what rounding cannot change: the counts per layer (against SDPA's),
-the first generated token against the forward pass, a second turn continuing the compressed cache.
+logits (each prompt alone too), and checks exactly only what rounding cannot change: the counts per
+layer (against SDPA's), a second turn continuing the compressed cache; the first generated token is the
+forward pass's argmax or ties with it within rounding.
 """
 from __future__ import annotations
 
@@ -84,7 +85,8 @@ def test_cell_on_gpu(cell):
         stats = handle.stats
         with torch.no_grad():
             first = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
-        assert torch.equal(first.sequences[:, batch["input_ids"].shape[1]], got.argmax(-1))
+        token = first.sequences[:, batch["input_ids"].shape[1] :][:, :1]  # the forward's argmax, up to a rounding tie
+        assert (got.gather(1, token)[:, 0] >= got.max(-1).values - 0.01 * got.abs().max()).all()
         turn = to_gpu(next_turn(batch, first.sequences.cpu(), torch.tensor([[7, 8, 9]])))
         with torch.no_grad():  # continues the compressed cache of the generate just above
             second = model.generate(**turn, cache=first.past_key_values, max_new_tokens=2, do_sample=False)
