@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from transformers import modeling_flash_attention_utils as fa_utils
 
 FLASH_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")
-# What `lazy_import_flash_attention` caches between calls: cleared on entry, restored on exit.
 CALLS: Counter = Counter()  # kernel calls by name ("func", "varlen"), for tests that count them
+# What `lazy_import_flash_attention` caches between calls: cleared on entry, restored on exit.
 _CACHED = ("_loaded_implementation", "_flash_fn", "_flash_varlen_fn", "_flash_with_kvcache_fn", "_pad_fn", "_unpad_fn",
            "_process_flash_kwargs_fn", "_process_with_kvcache_kwargs_fn")
 
