@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
 
+from flash_stand_in import FLASH_IMPLEMENTATIONS, as_flash
 from tiny import llava_inputs, row_inputs, tiny_llava
 from tiny_llava_next import SIZES, anyres_inputs, tiny_anyres
 from tiny_llava_next import row_inputs as anyres_row
@@ -61,5 +62,10 @@ FAMILIES = {
 
 @lru_cache(maxsize=None)
 def built(family: str, attn: str = "sdpa"):
-    """The tiny model of a family, built once per test process (tests must leave it as they found it)."""
+    """The tiny model of a family, built once per test process (tests must leave it as they found it).
+
+    Under a FlashAttention implementation: the same weights (the same seed), switched with `as_flash`;
+    running it needs the `flash_kernels` fixture."""
+    if attn in FLASH_IMPLEMENTATIONS:
+        return as_flash(FAMILIES[family].make("sdpa"), attn)
     return FAMILIES[family].make(attn)

@@ -45,6 +45,20 @@ def test_bench_speed_refuses_a_gpu_the_machine_does_not_have(no_work, monkeypatc
     assert "cuda:3 does not exist" in line and "1 GPU" in line
 
 
+def test_bench_speed_runs_flash_attention_only_where_its_kernels_run(no_work, monkeypatch, capsys):
+    """A CPU device, float32 and a machine without flash-attn are each refused with the fix."""
+    line = refusal(["bench", "speed", "--attn", "flash_attention_2", "--device", "cpu"], capsys)
+    assert "CUDA device only" in line and "--device cuda" in line
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    line = refusal(["bench", "speed", "--attn", "flash_attention_2", "--device", "cuda"], capsys)
+    assert "--dtype bfloat16" in line
+    line = refusal(["bench", "speed", "--attn", "flash_attention_2", "--device", "cuda", "--dtype", "bfloat16"], capsys)
+    assert "flash-attn package" in line and "--attn sdpa" in line  # this machine has no flash-attn
+    line = refusal(["bench", "speed", "--attn", "flex_attention"], capsys)
+    assert "invalid choice" in line and "flash_attention_2" in line
+
+
 def test_bench_speed_refuses_a_resolution_qwen_cannot_split_into_patches(no_work, capsys):
     line = refusal(["bench", "speed", "--shape", "tiny-qwen2.5-vl", "--resolution", "462"], capsys)
     assert "--resolution" in line and "multiple of 28" in line and "462" in line

@@ -60,14 +60,15 @@ def test_registry_covers_every_exported_method():
         registry.method("tome", budget=64)
 
 
-def runnable_method(cell):
+def runnable_method(cell, attn: str = "sdpa"):
     """The cell's method, with the fix its refusal names; None where the cell is refused outright.
-    A refused cell first checks the refusal: the error's words, and nothing installed."""
+    A refused cell first checks the refusal (on the model under `attn`): the error's words, and nothing
+    installed."""
     name, family = cell
     if cell not in REFUSED:
         return method_of(name)
     words, fix = REFUSED[cell]
-    model = built(family)
+    model = built(family, attn)
     before = module_snapshot(model)
     with pytest.raises(ValueError, match=words):
         ts.compress(model, method_of(name))
@@ -77,11 +78,16 @@ def runnable_method(cell):
 
 @pytest.mark.parametrize("cell", CELLS, ids=cell_id)
 def test_cell(cell):
+    run_contract(cell, "sdpa")
+
+
+def run_contract(cell, attn: str) -> None:
+    """The contract of one method x family cell on the family's tiny model under `attn` attention."""
     name, family = cell
-    method = runnable_method(cell)
+    method = runnable_method(cell, attn)
     if method is None:
         return
-    case, model = FAMILIES[family], built(family)
+    case, model = FAMILIES[family], built(family, attn)
     batch = case.batch(model)
     reads_prompt = registry.entry(name).reads_prompt
     check_keep_all(model, batch, dataclasses.replace(method, budget=None, ratio=1.0))
@@ -120,10 +126,15 @@ def test_batch_with_a_very_small_image(cell):
     """A 4-token image beside a 64-token one: no error; each stage keeps the method's minimum of the
     small image where its budget asks for fewer (named in stats.floored); the counts per layer follow
     the schedule; the batch equals each prompt alone."""
-    method = runnable_method(cell)
+    run_small_image(cell, "sdpa")
+
+
+def run_small_image(cell, attn: str) -> None:
+    """`test_batch_with_a_very_small_image` on the family's model under `attn` attention."""
+    method = runnable_method(cell, attn)
     if method is None:
         return
-    case, model = FAMILIES[cell[1]], built(cell[1])
+    case, model = FAMILIES[cell[1]], built(cell[1], attn)
     batch = case.small(model)
     with ts.compress(model, method) as handle:
         forward_logits(model, batch)

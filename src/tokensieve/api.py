@@ -11,7 +11,9 @@ from .runtime.schedule import Method, NeedsSelectors
 from .runtime.session import Session
 from .runtime.state import Stats
 
-SUPPORTED_ATTENTION = ("sdpa", "eager")
+# Attention implementations the test suite runs every method and family under (docs/flash-attention.md):
+# FlashAttention-2 and -3 take transformers' one FlashAttention path, tested on a CPU with stand-in kernels.
+SUPPORTED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
 
 
 _INSTALLED: "weakref.WeakKeyDictionary[torch.nn.Module, CompressionHandle]" = weakref.WeakKeyDictionary()
@@ -85,13 +87,22 @@ def _check_model(model: torch.nn.Module) -> None:
             f"compress expects the whole generative model (e.g. LlavaForConditionalGeneration), got its inner "
             f"{type(model).__name__}; pass the object from_pretrained returned"
         )
-    attention = getattr(model.config, "_attn_implementation", None)
-    text_attention = getattr(model.config.get_text_config(), "_attn_implementation", attention)
-    if text_attention not in SUPPORTED_ATTENTION:
-        raise ValueError(
-            f"attention implementation {text_attention!r} is not supported yet; load the model with "
-            f"attn_implementation='sdpa' or 'eager'"
-        )
+    for name, attention in _attention_implementations(model.config):
+        if attention not in SUPPORTED_ATTENTION:
+            raise ValueError(
+                f"attention implementation {attention!r} ({name}) is not supported; load the model with "
+                f"attn_implementation set to one of {', '.join(repr(a) for a in SUPPORTED_ATTENTION)}"
+            )
+
+
+def _attention_implementations(config, name: str = "config") -> list[tuple[str, str | None]]:
+    """(where, implementation) of a config and each of its sub-configs (text, vision, ...), recursively."""
+    found = [(name, getattr(config, "_attn_implementation", None))]
+    for key in getattr(config, "sub_configs", {}):
+        sub = getattr(config, key, None)
+        if sub is not None:
+            found += _attention_implementations(sub, key)
+    return found
 
 
 def _check_method(method: Any) -> None:

@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_bench(commands) -> None:
+    from .api import SUPPORTED_ATTENTION
     from .bench.shapes import SHAPES
     from .bench.speed import METHOD_NAMES
 
@@ -78,7 +79,9 @@ def _add_bench(commands) -> None:
     speed.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     speed.add_argument("--device", type=arg.device, default="cuda" if _cuda() else "cpu",
                        help="cpu, cuda or cuda:N (default: cuda when available)")
-    speed.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
+    speed.add_argument("--attn", default="sdpa", choices=list(SUPPORTED_ATTENTION),
+                       help="attention implementation; flash_attention_2/3 need a CUDA device, a 16-bit dtype and the "
+                       "flash-attn package (default: %(default)s)")
     speed.add_argument("--repeats", type=arg.positive_int, default=2, help="timed runs after a warm-up (default: %(default)s)")
     speed.add_argument("--new-tokens", type=arg.positive_int, default=4, help="tokens generated end to end (default: %(default)s)")
     speed.add_argument("--resolution", type=arg.resolution, default=448,
@@ -86,7 +89,7 @@ def _add_bench(commands) -> None:
     speed.add_argument("--json", type=arg.creatable_file, help="write the records here")
     speed.add_argument("--plot", type=arg.creatable_file, default="out/bench_speed.png",
                        help="PNG of speed-up and overhead (default: %(default)s)")
-    speed.set_defaults(run=_run_bench_speed, check=_no_check, prog=speed.prog)
+    speed.set_defaults(run=_run_bench_speed, check=_check_bench_speed, prog=speed.prog)
     accuracy = bench.add_parser(
         "accuracy", help="held-out accuracy of every method at every budget on the shipped small VLM",
         description="Runs the uncompressed small VLM (trained by the project, tokensieve/smallvlm/checkpoint) and "
@@ -106,6 +109,23 @@ def _add_bench(commands) -> None:
     accuracy.add_argument("--plot", type=arg.creatable_file, default="out/bench_accuracy.png",
                           help="PNG of retention (default: %(default)s)")
     accuracy.set_defaults(run=_run_bench_accuracy, check=_check_bench_accuracy, prog=accuracy.prog)
+
+
+def _check_bench_speed(args: argparse.Namespace) -> None:
+    """FlashAttention only where its kernels run: a CUDA device, bfloat16 or float16, the package installed."""
+    if not args.attn.startswith("flash_attention"):
+        return
+    if not args.device.startswith("cuda"):
+        raise ValueError(f"--attn {args.attn} runs on a CUDA device only; give --device cuda, or --attn sdpa on {args.device}")
+    if args.dtype == "float32":
+        raise ValueError(f"--attn {args.attn} computes in 16 bits; give --dtype bfloat16 (or float16), or --attn sdpa")
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
+
+    available = is_flash_attn_2_available() if args.attn == "flash_attention_2" else is_flash_attn_3_available()
+    if not available:
+        package = "flash-attn" if args.attn == "flash_attention_2" else "flash-attn-3 (flash_attn_interface)"
+        raise ValueError(f"--attn {args.attn} needs the {package} package built for this torch; install it (see "
+                         "docs/flash-attention.md) or give --attn sdpa")
 
 
 def _cuda() -> bool:

@@ -84,7 +84,13 @@ def _prompt(visual: int, before: int = 5, after: int = 30, token: int = IMAGE_TO
     return torch.tensor([text[:before] + wrap[0] + [token] * visual + wrap[1] + text[before:]])
 
 
-def build_llava(shape: Shape, layers: int, vision_layers: int) -> Built:
+def _construct(cls, config, device: str) -> torch.nn.Module:
+    """cls(config) with its weights initialised on `device` (a 7B model initialises in seconds on a GPU)."""
+    with torch.device(device):
+        return cls(config)
+
+
+def build_llava(shape: Shape, layers: int, vision_layers: int, device: str = "cpu") -> Built:
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     vision = CLIPVisionConfig(hidden_size=shape.vision_hidden, intermediate_size=shape.vision_intermediate,
@@ -92,7 +98,7 @@ def build_llava(shape: Shape, layers: int, vision_layers: int) -> Built:
                               image_size=336, patch_size=14, projection_dim=768)
     config = LlavaConfig(vision_config=vision, text_config=_text_config(shape, layers, LlamaConfig),
                          image_token_id=IMAGE_TOKEN, vision_feature_layer=-2, projector_hidden_act="gelu")
-    model = LlavaForConditionalGeneration(config)
+    model = _construct(LlavaForConditionalGeneration, config, device)
     ids = _prompt(576)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.randn(1, 3, 336, 336)}
     vision_flops = vit_flops(577, shape.vision_hidden, shape.vision_intermediate, vision_layers - 1)
@@ -100,7 +106,7 @@ def build_llava(shape: Shape, layers: int, vision_layers: int) -> Built:
     return Built(model, inputs, vision_flops + projector, 576)
 
 
-def build_llava_next(shape: Shape, layers: int, vision_layers: int) -> Built:
+def build_llava_next(shape: Shape, layers: int, vision_layers: int, device: str = "cpu") -> Built:
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
 
     from ..models.llava_next import packed_layout
@@ -111,7 +117,7 @@ def build_llava_next(shape: Shape, layers: int, vision_layers: int) -> Built:
                               image_size=336, patch_size=14, projection_dim=768)
     config = LlavaNextConfig(vision_config=vision, text_config=_text_config(shape, layers, LlamaConfig),
                              image_token_id=IMAGE_TOKEN, vision_feature_layer=-2, image_grid_pinpoints=pinpoints)
-    model = LlavaNextForConditionalGeneration(config)
+    model = _construct(LlavaNextForConditionalGeneration, config, device)
     layout = packed_layout(24, 5, (672, 672), pinpoints, 336)
     visual = layout.newline.numel()
     ids = _prompt(visual)
@@ -131,7 +137,7 @@ def mrope_sections(head_dim: int) -> list[int]:
     return [temporal, height, half - temporal - height]
 
 
-def build_qwen25(shape: Shape, layers: int, vision_layers: int, resolution: int = 448) -> Built:
+def build_qwen25(shape: Shape, layers: int, vision_layers: int, resolution: int = 448, device: str = "cpu") -> Built:
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     side = resolution // 14
@@ -146,7 +152,7 @@ def build_qwen25(shape: Shape, layers: int, vision_layers: int, resolution: int 
                 pad_token_id=PAD, bos_token_id=None, eos_token_id=None, tie_word_embeddings=False)
     config = Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
                               video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
-    model = Qwen2_5_VLForConditionalGeneration(config)
+    model = _construct(Qwen2_5_VLForConditionalGeneration, config, device)
     ids = _prompt(merged, start=VISION_START, end=VISION_END)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
               "mm_token_type_ids": (ids == IMAGE_TOKEN).int(),
@@ -160,8 +166,9 @@ def build_qwen25(shape: Shape, layers: int, vision_layers: int, resolution: int 
 
 
 def build(name: str, layers: int | None, vision_layers: int | None, dtype: torch.dtype, attn: str = "sdpa",
-          resolution: int = 448, seed: int = 0) -> tuple[Shape, Built]:
-    """A preset model with random weights (seeded), in eval mode, on the CPU in `dtype`."""
+          resolution: int = 448, seed: int = 0, device: str = "cpu") -> tuple[Shape, Built]:
+    """A preset model with random weights (seeded), in eval mode, in `dtype`, its weights made on `device`
+    (the inputs stay on the CPU)."""
     if name not in SHAPES:
         raise ValueError(f"unknown shape {name!r}; choose one of {', '.join(SHAPES)}")
     shape = SHAPES[name]
@@ -171,7 +178,8 @@ def build(name: str, layers: int | None, vision_layers: int | None, dtype: torch
         raise ValueError(f"{name}: layers must be in [1, {shape.text_layers}] and vision layers in [2, {shape.vision_layers}]")
     torch.manual_seed(seed)
     builder = {"llava-1.5-7b": build_llava, "tiny-llava": build_llava, "llava-next-7b": build_llava_next}.get(name)
-    built = builder(shape, layers, vision_layers) if builder else build_qwen25(shape, layers, vision_layers, resolution)
+    built = (builder(shape, layers, vision_layers, device) if builder
+             else build_qwen25(shape, layers, vision_layers, resolution, device))
     built.model = built.model.to(dtype).eval()
     built.model.set_attn_implementation(attn)
     for key in ("pixel_values",):

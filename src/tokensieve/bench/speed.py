@@ -216,7 +216,7 @@ def run_speed(shape_name: str = "llava-1.5-7b", budgets=(192, 128, 64), methods=
     Returns the records and a note for each method/budget that cannot run on this shape (skipped)."""
     methods = tuple(registry.entry(m).name for m in methods)  # ValueError naming the known ones
     torch_dtype = getattr(torch, dtype)
-    shape, built = build(shape_name, layers, vision_layers, torch_dtype, attn, resolution)
+    shape, built = build(shape_name, layers, vision_layers, torch_dtype, attn, resolution, device=device)
     target = torch.device(device)
     built.model.to(target)
     inputs = {k: v.to(target) for k, v in built.inputs.items()}

@@ -4,7 +4,8 @@ transformers 5.24 renamed the `past_key_values` argument of models, layers and `
 to `cache` (the old name is accepted with a warning until 5.40); 5.23 knows only `past_key_values`.
 Hooks read whichever name the call used; calls we make use the name the installed version expects.
 It is also where masks are built: with the padding known on the host, transformers is not left to
-read it back from the device.
+read it back from the device. Under FlashAttention (`runs_flash`) the same calls give a 2-D padding mask
+or None, which is what its kernels take.
 """
 from __future__ import annotations
 
@@ -21,6 +22,24 @@ def cache_in(kwargs: dict) -> Any:
     """The KV cache a hooked call was given under either name, or None."""
     cache = kwargs.get("cache")
     return cache if cache is not None else kwargs.get("past_key_values")
+
+
+def runs_flash(config) -> bool:
+    """Whether this (text) config runs a FlashAttention implementation ("flash_attention_2" or "_3")."""
+    return str(getattr(config, "_attn_implementation", "")).startswith("flash_attention")
+
+
+def without_packing_hint(kwargs: dict) -> dict:
+    """A decoder layer's kwargs without `position_ids`, when its rotary tables are already given.
+
+    Under FlashAttention transformers reads the position ids of a batch of one as a packed batch whenever
+    they are not one increasing run: kept tokens keep their original positions, so the gaps would be read
+    as sequence boundaries (with a cache, the chunk would then attend to the wrong keys, without an error).
+    The layer itself needs only `position_embeddings`; the position ids reach nothing but that check.
+    """
+    if kwargs.get("position_ids") is None or kwargs.get("position_embeddings") is None:
+        return kwargs
+    return {name: value for name, value in kwargs.items() if name != "position_ids"}
 
 
 def causal_mask(config, hidden, attention_mask, cache, layer_idx: int, padded: bool | None = None):

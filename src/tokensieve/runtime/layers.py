@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .compat import cache_in, causal_mask
+from .compat import cache_in, causal_mask, runs_flash, without_packing_hint
 from .recording import record_layer
 from .state import Level
 
@@ -36,6 +36,8 @@ class LayerHooks:
                 record_layer(session.stats, index, level)
             if level is not state.levels[0]:
                 kwargs = self._narrow_kwargs(index, level, hidden, kwargs, prefill)
+            if runs_flash(session.parts.text_config):
+                kwargs = without_packing_hint(kwargs)
             following = session.schedule.stage_at(index + 1)
             if prefill and following is not None and following.reads_previous_layer:
                 session.previous_input = (hidden, kwargs.get("position_embeddings"))
