@@ -107,6 +107,16 @@ def test_bad_arguments_are_refused_before_anything_runs(saved, tmp_path):
         A.run_accuracy(saved, methods=("FastW",))
     with pytest.raises(ValueError, match="no small VLM"):
         A.run_accuracy(tmp_path)
+    with pytest.raises(ValueError, match="give --model local or context or a folder"):
+        A.run_accuracy("contxt")  # a misspelt short name is a folder that does not exist
+
+
+def test_short_model_names_name_the_shipped_folders(saved):
+    from tokensieve.smallvlm import CHECKPOINT, CHECKPOINT_CONTEXT, checkpoint_folder
+
+    assert checkpoint_folder(None) == checkpoint_folder("local") == CHECKPOINT
+    assert checkpoint_folder("context") == CHECKPOINT_CONTEXT != CHECKPOINT
+    assert checkpoint_folder(str(saved)) == saved
 
 
 def test_cli_accuracy_writes_table_plot_and_json(saved, tmp_path, capsys):
