@@ -175,26 +175,32 @@ def stage_a(model, args, work: Path, state: dict | None) -> None:
     log(f"stage A done: {args.steps_a} steps")
 
 
-def stage_b(model, processor, args, work: Path, state: dict | None) -> bool:
+PARTS = {"b": dict(scenes=1, done="done"), "c": dict(scenes=2, done="done_c")}  # stage B and its continuation
+
+
+def stage_b(model, processor, args, work: Path, state: dict | None, part: str = "b") -> bool:
     """Projector + decoder on several questions per image, tower frozen; evaluates and saves periodically.
-    Returns False when it stopped at --pause-b-at (state saved), True when stage B is done."""
+    part "c" is a continuation after stage B (--steps-c, --lr-c) on scenes stage B did not see, with a
+    fresh optimiser and schedule. Returns False when it stopped at --pause-b-at (state saved), True
+    when the part is done."""
+    total, peak = (args.steps_b, args.lr_b) if part == "b" else (args.steps_c, args.lr_c)
     model.model.vision_tower.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr_b, weight_decay=0.01)
+    opt = torch.optim.AdamW(params, lr=peak, weight_decay=0.01)
     step = 0
-    if state is not None and state["stage"] == "b" and state.get("opt") is not None:
+    if state is not None and state["stage"] == part and state.get("opt") is not None:
         opt.load_state_dict(state["opt"])
         step = state["step"]
-        log(f"resumed stage B at step {step}")
+        log(f"resumed stage {part.upper()} at step {step}")
     watch = LayerInputs(model.model.language_model.layers, QUESTION_LAYERS + EVIDENCE_LAYERS)
     tok, n_image = processor.tokenizer, model.config.image_seq_length
     last_save = last_eval = time.time()
     try:
-        while step < args.steps_b:
+        while step < total:
             for g in opt.param_groups:
-                g["lr"] = lr_at(step / args.steps_b, args.lr_b, warmup=args.warmup_b / args.steps_b)
+                g["lr"] = lr_at(step / total, peak, warmup=args.warmup_b / total)
             model.train()
-            b = qa_batch(tok, [item_seed(args.seed, 1, step * args.batch_b + i) for i in range(args.batch_b)],
+            b = qa_batch(tok, [item_seed(args.seed, PARTS[part]["scenes"], step * args.batch_b + i) for i in range(args.batch_b)],
                          args.questions, n_image, args.kind_weights)
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                            pixel_values=b["pixel_values"]).logits
@@ -210,14 +216,14 @@ def stage_b(model, processor, args, work: Path, state: dict | None) -> bool:
             opt.step()
             if step % 25 == 0:
                 train_acc = (sel.argmax(-1) == b["answer_ids"]).float().mean().item()
-                log(f"B step {step} answer {answer_loss.item():.3f} evidence {look_loss.item():.3f} "
+                log(f"{part.upper()} step {step} answer {answer_loss.item():.3f} evidence {look_loss.item():.3f} "
                     f"words {read_loss.item():.3f} names {name_loss.item():.3f} train-acc {train_acc:.3f} "
                     f"lr {opt.param_groups[0]['lr']:.2e}")
             step += 1
             if time.time() - last_save > args.save_every * 60 or step == args.pause_b_at:
-                save_state(work, stage="b", step=step, model=model.state_dict(), opt=opt.state_dict())
+                save_state(work, stage=part, step=step, model=model.state_dict(), opt=opt.state_dict())
                 last_save = time.time()
-            if step == args.pause_b_at:
+            if part == "b" and step == args.pause_b_at:
                 log(f"paused at stage-B step {step}: continue with --resume")
                 return False
             if time.time() - last_eval > args.eval_every * 60:
@@ -226,8 +232,8 @@ def stage_b(model, processor, args, work: Path, state: dict | None) -> bool:
                 last_eval = time.time()
     finally:
         watch.remove()
-    save_state(work, stage="done", step=step, model=model.state_dict())
-    log(f"stage B done: {args.steps_b} steps")
+    save_state(work, stage=PARTS[part]["done"], step=step, model=model.state_dict())
+    log(f"stage {part.upper()} done: {total} steps")
     return True
 
 
@@ -246,7 +252,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--questions", type=int, default=10, help="questions per image in stage B")
     p.add_argument("--lr-a", type=float, default=2e-3)
     p.add_argument("--lr-b", type=float, default=6e-4)
-    p.add_argument("--warmup-b", type=int, default=25, help="stage-B steps of linear learning-rate warmup")
+    p.add_argument("--warmup-b", type=int, default=25, help="stage-B (and C) steps of linear learning-rate warmup")
+    p.add_argument("--steps-c", type=int, default=0, help="stage-B continuation steps on new scenes (0: none)")
+    p.add_argument("--lr-c", type=float, default=4e-4)
     p.add_argument("--facts-weight", type=float, default=1.0, help="weight of the scene-facts term in stage A")
     p.add_argument("--kind-weights", type=kind_weights, default=None,
                    help="question kinds drawn in proportion, e.g. 'count=2,color=1' (default: uniform)")
@@ -288,6 +296,8 @@ def main(argv=None) -> None:
         state = None
     if (state is None or state["stage"] == "b") and not stage_b(model, processor, args, work, state):
         return
+    if args.steps_c and (state is None or state["stage"] in ("b", "done", "c")):
+        stage_b(model, processor, args, work, state if state is not None and state["stage"] == "c" else None, "c")
     M.save(model, processor, args.out)
     acc = evaluate(model, processor, "val", args.final_n)
     log(f"final val ({args.final_n}) {fmt(acc)}")
