@@ -7,7 +7,8 @@ The shipped second model (src/tokensieve/smallvlm/checkpoint_context) was made i
 command above with `--steps-b 600 --warmup-b 100 --pause-b-at 23` (stage A, then 23 stage-B steps
 of a longer schedule; it was then shortened to fit the time at hand), then the command above with
 `--resume` (`--out src/tokensieve/smallvlm/checkpoint_context --work out/context-train
---final-n 500`). On 2 CPU cores shared with other work the two took about an hour, niced.
+--final-n 500`). On 2 CPU cores shared with other work the two took about 35 minutes niced, and the
+ALVTS selectors' calibration at the end 13 more.
 
 It starts from the first small VLM (tokensieve/smallvlm/checkpoint, `--init-from`) and grows it:
 - the vision tower gets `--new-vision-layers` more layers (2: five in all) and the decoder is deepened
