@@ -23,7 +23,7 @@ N = 144
 ALVTS_64 = ts.ALVTS(ratio=64 / 576, start_layer=0, rank=8)  # 16 of 144 per layer
 
 
-def reference_routing_logits(model, inputs: dict, selectors, k: int) -> torch.Tensor:
+def reference_routing_logits(model, inputs: dict, selectors, k: int, v2v_rows: str = "all") -> torch.Tensor:
     """One unpadded prompt, routed by hand: before each layer, score with the selector, gather text +
     the top-k visual rows, call the layer with a causal mask over them, scatter its output back."""
     lm = model.model.language_model
@@ -39,7 +39,7 @@ def reference_routing_logits(model, inputs: dict, selectors, k: int) -> torch.Te
         item = torch.where(visual, 0, -1)
         valid = torch.ones_like(visual)
         for index, layer in enumerate(lm.layers):
-            scores = layer_scores(layer, hidden, rotary, item, valid, selectors.layers[index])[0]
+            scores = layer_scores(layer, hidden, rotary, item, valid, selectors.layers[index], v2v_rows=v2v_rows)[0]
             visual_rows = visual[0].nonzero().flatten()
             top = visual_rows[scores[visual_rows].argsort(descending=True, stable=True)[:k]]
             rows = torch.cat([(~visual[0]).nonzero().flatten(), top]).sort().values
@@ -52,12 +52,13 @@ def reference_routing_logits(model, inputs: dict, selectors, k: int) -> torch.Te
         return model.lm_head(lm.norm(hidden))[:, -1].float()
 
 
-def test_routing_equals_by_hand_reference(model, batch):
+@pytest.mark.parametrize("v2v_rows", ["all", "attending"])
+def test_routing_equals_by_hand_reference(model, batch, v2v_rows):
     row = row_inputs(batch, 0)
     selectors = svd_selectors("llava", model.model.language_model.layers, rank=8)
-    with ts.compress(model, ts.ALVTS(ratio=64 / 576, start_layer=0, selectors=selectors)) as handle:
+    with ts.compress(model, ts.ALVTS(ratio=64 / 576, start_layer=0, selectors=selectors, v2v_rows=v2v_rows)) as handle:
         compressed = forward_logits(model, row)
-    expected = reference_routing_logits(model, row, selectors, k=16)
+    expected = reference_routing_logits(model, row, selectors, k=16, v2v_rows=v2v_rows)
     torch.testing.assert_close(compressed, expected, rtol=1e-4, atol=1e-4)
     assert handle.stats.tokens_per_layer[0].tolist() == [16, 16, 16, 16]
 
@@ -107,6 +108,11 @@ def test_layer_counts_mean_equals_budget(n, mean, layers, start):
     counts = layer_counts(n, mean, layers, start)
     assert len(counts) == layers and counts[:start] == [n] * start
     assert sum(counts) == round(mean * layers) and max(counts[start:]) - min(counts[start:]) <= 1
+
+
+def test_unknown_v2v_rows_is_refused():
+    with pytest.raises(ValueError, match="v2v_rows must be one of 'all', 'attending'"):
+        ts.ALVTS(budget=64, v2v_rows="causal")
 
 
 def test_too_small_budget_is_a_clear_error(model):

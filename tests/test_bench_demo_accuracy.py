@@ -107,6 +107,16 @@ def test_bad_arguments_are_refused_before_anything_runs(saved, tmp_path):
         A.run_accuracy(saved, methods=("FastW",))
     with pytest.raises(ValueError, match="no small VLM"):
         A.run_accuracy(tmp_path)
+    with pytest.raises(ValueError, match="give --model local or context or a folder"):
+        A.run_accuracy("contxt")  # a misspelt short name is a folder that does not exist
+
+
+def test_short_model_names_name_the_shipped_folders(saved):
+    from tokensieve.smallvlm import CHECKPOINT, CHECKPOINT_CONTEXT, checkpoint_folder
+
+    assert checkpoint_folder(None) == checkpoint_folder("local") == CHECKPOINT
+    assert checkpoint_folder("context") == CHECKPOINT_CONTEXT != CHECKPOINT
+    assert checkpoint_folder(str(saved)) == saved
 
 
 def test_cli_accuracy_writes_table_plot_and_json(saved, tmp_path, capsys):
@@ -176,3 +186,21 @@ def test_shipped_checkpoint_loads_offline_and_answers():
     _, apet, alvts, random = records
     assert skipped == [] and "SVD" not in alvts.setting
     assert min(apet.accuracy, alvts.accuracy) > random.accuracy + 0.25, (apet.accuracy, alvts.accuracy, random.accuracy)
+
+
+def test_context_checkpoint_loads_offline_and_meets_its_targets():
+    """The second small VLM (`--model context`): fp16 weights under 20 MB, its selectors match it, it
+    answers at least 95% of the benchmark's 1000 held-out questions (above 85% on every kind), every
+    method but PDrop reaches a mean of 64 on its 16 layers, and the ground-truth object patches at 64
+    keep at least 90% (95.0% measured on 1000; the 97% it was meant to reach is not met, see the README)."""
+    from tokensieve.smallvlm import CHECKPOINT_CONTEXT
+
+    assert sum(f.stat().st_size for f in CHECKPOINT_CONTEXT.iterdir()) < 20e6
+    (full,), _ = A.run_accuracy("context", methods=(), limit=1000, progress=False)
+    assert full.accuracy >= 0.95 and min(full.accuracy_by_kind.values()) > 0.85, full
+    records, skipped = A.run_accuracy("context", budgets=(64,), limit=20, progress=False)
+    reached = {r.method: r for r in records[1:]}
+    assert [s.split()[0] for s in skipped] == ["PDrop"] and "SVD" not in reached["ALVTS"].setting
+    assert all(r.mean_tokens_per_layer == pytest.approx(64, abs=0.5) for r in reached.values()), reached
+    (_, truth), _ = A.run_accuracy("context", methods=("GroundTruth",), budgets=(64,), limit=100, progress=False)
+    assert truth.retention >= 0.90, truth

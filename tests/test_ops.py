@@ -145,8 +145,11 @@ def test_compact_rows_left_pads_kept_rows():
 
 
 # ---------------------------------------------------------------------------- ALVTS scores
-def slow_alvts_scores(q, k, item, valid) -> torch.Tensor:
-    """Loops: per row, head and query, a softmax over the keys it may see; then S_V2V * S_T2V per visual token."""
+def slow_alvts_scores(q, k, item, valid, v2v_rows: str = "all") -> torch.Tensor:
+    """Loops: per row, head and query, a softmax over the keys it may see; then S_V2V * S_T2V per visual token.
+
+    v2v_rows "all": S_V2V(i) is the mean over every row of i's image; "attending": the sum over them
+    divided by the rows of the image at or after i (the only ones whose attention can reach i)."""
     batch, heads, length, dim = q.shape
     group = heads // k.shape[1]
     out = torch.zeros(batch, length)
@@ -164,12 +167,14 @@ def slow_alvts_scores(q, k, item, valid) -> torch.Tensor:
             if item[b, i] < 0 or not valid[b, i]:
                 continue
             own = [j for j in range(length) if valid[b, j] and item[b, j] == item[b, i]]
-            out[b, i] = attention[own, i].mean() * (attention[text, i].mean() if text else 0.0)
+            divisor = len(own) if v2v_rows == "all" else len([j for j in own if j >= i])
+            out[b, i] = attention[own, i].sum() / divisor * (attention[text, i].mean() if text else 0.0)
     return out
 
 
+@pytest.mark.parametrize("v2v_rows", ["all", "attending"])
 @pytest.mark.parametrize("rows_per_chunk", [1, 5, 12])
-def test_alvts_scores_equal_the_loop_reference(rows_per_chunk, monkeypatch):
+def test_alvts_scores_equal_the_loop_reference(rows_per_chunk, v2v_rows, monkeypatch):
     from tokensieve.ops import alvts as alvts_ops
     from tokensieve.ops.alvts import alvts_scores
 
@@ -181,7 +186,20 @@ def test_alvts_scores_equal_the_loop_reference(rows_per_chunk, monkeypatch):
                          [-1, -1, -1, -1, -1, 2, 2, 2, 2, -1, -1, -1]])  # left padding in row 1
     valid = torch.ones(2, 12, dtype=torch.bool)
     valid[1, :3] = False
-    got = alvts_scores(q, k, item, valid)
-    torch.testing.assert_close(got, slow_alvts_scores(q, k, item, valid), rtol=1e-5, atol=1e-7)
+    got = alvts_scores(q, k, item, valid, v2v_rows=v2v_rows)
+    torch.testing.assert_close(got, slow_alvts_scores(q, k, item, valid, v2v_rows), rtol=1e-5, atol=1e-7)
     assert (got[item < 0] == 0).all() and (got[item >= 0] > 0).all()
-    torch.testing.assert_close(alvts_scores(q, k, item, valid, max_items=2), got)  # told on the host: no device read
+    torch.testing.assert_close(alvts_scores(q, k, item, valid, max_items=2, v2v_rows=v2v_rows), got)  # no device read
+
+
+def test_attending_v2v_divides_each_token_by_the_rows_after_it():
+    """Three image rows: the first token's V2V sum is divided by 3 either way, the last one's by 3 ("all")
+    or by 1 ("attending"): the ratio of the two readings is N / (rows at or after i)."""
+    from tokensieve.ops.alvts import alvts_scores
+
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(1, 2, 6, 4, generator=g), torch.randn(1, 2, 6, 4, generator=g)
+    item = torch.tensor([[-1, 0, 0, 0, -1, -1]])
+    valid = torch.ones(1, 6, dtype=torch.bool)
+    ratio = alvts_scores(q, k, item, valid, v2v_rows="attending") / alvts_scores(q, k, item, valid)
+    torch.testing.assert_close(ratio[0, 1:4], torch.tensor([1.0, 1.5, 3.0]))

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECKPOINT = ROOT / "src" / "tokensieve" / "smallvlm" / "checkpoint"
+CHECKPOINTS = ("checkpoint", "checkpoint_context")  # the first small VLM, the second
 CHECKPOINT_FILES = ("alvts_selectors.safetensors", "chat_template.jinja", "config.json", "generation_config.json",
                     "model.safetensors", "processor_config.json", "tokenizer.json", "tokenizer_config.json", "training.json")
 MODULES = ("tokensieve/bench/accuracy.py", "tokensieve/bench/demo.py", "tokensieve/bench/speed.py",
@@ -74,10 +74,12 @@ def test_wheel_carries_the_benchmarks_and_the_small_vlms_checkpoint_byte_for_byt
         names = set(archive.namelist())
         for module in MODULES:
             assert module in names, module
-        for name in CHECKPOINT_FILES:
-            packaged = f"tokensieve/smallvlm/checkpoint/{name}"
-            assert packaged in names, packaged
-            assert digest(archive.read(packaged)) == digest((CHECKPOINT / name).read_bytes()), name
+        for folder in CHECKPOINTS:
+            for name in CHECKPOINT_FILES:
+                packaged = f"tokensieve/smallvlm/{folder}/{name}"
+                assert packaged in names, packaged
+                on_disk = ROOT / "src" / "tokensieve" / "smallvlm" / folder / name
+                assert digest(archive.read(packaged)) == digest(on_disk.read_bytes()), packaged
         metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
         requires = [line for line in archive.read(metadata).decode().splitlines() if line.startswith("Requires-Dist:")]
         entry_points = archive.read(metadata.replace("METADATA", "entry_points.txt")).decode()

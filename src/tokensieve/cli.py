@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--budget", type=arg.positive_int, default=64,
                       help="mean visual tokens per decoder layer (default: %(default)s)")
     demo.add_argument("--scenes", type=arg.positive_int, default=3, help="scenes, two questions each (default: %(default)s)")
-    demo.add_argument("--model", default=None, help="small VLM folder (default: the shipped checkpoint)")
+    demo.add_argument("--model", default=None,
+                      help="small VLM: 'local' (the first shipped model, default), 'context' (the second) or a folder")
     demo.add_argument("--out", type=arg.creatable_file, default="out/demo_kept_tokens.png",
                       help="PNG of the kept tokens (default: %(default)s)")
     demo.add_argument("--threads", type=arg.threads, default=None, help="torch CPU threads")
@@ -96,7 +97,9 @@ def _add_bench(commands) -> None:
         "every method at every budget on its held-out synthetic questions; prints accuracy, retention per question "
         "kind, mean visual tokens per decoder layer and prefill FLOPs, and plots retention against budget and FLOPs.",
     )
-    accuracy.add_argument("--model", default=None, help="small VLM folder (default: the shipped checkpoint)")
+    accuracy.add_argument("--model", default=None,
+                          help="small VLM: 'local' (the first shipped model, default), 'context' (the second, whose "
+                          "visual tokens carry the scene's context) or a folder")
     accuracy.add_argument("--budgets", type=arg.positive_int, nargs="+", default=[192, 128, 64, 32])
     accuracy.add_argument("--methods", nargs="+", default=None, help="(default: every available one)")
     accuracy.add_argument("--limit", type=arg.positive_int, default=None,

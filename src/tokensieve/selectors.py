@@ -65,6 +65,7 @@ def layer_scores(
     valid: torch.Tensor,
     selector: LayerSelector | None = None,
     max_items: int | None = None,
+    v2v_rows: str = "all",
 ) -> torch.Tensor:
     """ALVTS scores of the visual rows of one layer's input; selector None is the full-rank oracle.
 
@@ -76,6 +77,7 @@ def layer_scores(
         valid: (B, S) bool, False at padding.
         max_items: the most visual items in one batch row when the caller knows it (None: read
             from `item`, one device-to-host copy).
+        v2v_rows: what the V2V mean divides by ("all" or "attending"; see `alvts_scores`).
     Returns:
         (B, S) float32 scores, 0 on text rows.
 
@@ -86,7 +88,7 @@ def layer_scores(
     """
     low_rank = None if selector is None else (selector.query, selector.key)
     q, k = queries_keys(layer, hidden, rotary, low_rank=low_rank, dtype=score_dtype(hidden.dtype))
-    return alvts_scores(q, k, item, valid, max_items)
+    return alvts_scores(q, k, item, valid, max_items, v2v_rows)
 
 
 # A model's identity must not depend on the dtype or device it is loaded in. Casting moves each weight

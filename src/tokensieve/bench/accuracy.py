@@ -8,7 +8,7 @@ prefill FLOPs of the run. "GroundTruth" is a reference, not a method: it keeps t
 scene generator knows hold objects, which shows how much a selection that knows where every object
 is keeps ("GroundTruth2": the same in ApET's two-stage shape).
 
-    tokensieve bench accuracy [--methods ...] [--budgets 192 128 64 32] [--limit N] [--json PATH]
+    tokensieve bench accuracy [--model local|context|DIR] [--methods ...] [--budgets 192 128 64 32] [--limit N]
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import tokensieve as ts
 
 from .. import registry
 from ..flops import Widths, decoder_layer_flops
-from ..smallvlm import CHECKPOINT
+from ..smallvlm import CHECKPOINT, CHECKPOINTS, checkpoint_folder
 from ..smallvlm import model as M
 from ..smallvlm import scenes as S
 from ..smallvlm.calibrate import SELECTORS
@@ -64,10 +64,12 @@ class Batch:
 
 
 def load_checkpoint(path: str | Path = CHECKPOINT):
-    """(model, processor, selectors path or None) of a saved small VLM; ValueError if it is missing."""
-    path = Path(path)
+    """(model, processor, selectors path or None) of a saved small VLM (a folder or a short name in
+    CHECKPOINTS); ValueError if it is missing."""
+    path = checkpoint_folder(path)
     if not (path / "config.json").is_file():
-        raise ValueError(f"no small VLM at {path}: give --model a folder written by `python -m tokensieve.smallvlm.train`")
+        raise ValueError(f"no small VLM at {path}: give --model {' or '.join(CHECKPOINTS)} or a folder written by "
+                         "`python -m tokensieve.smallvlm.train`")
     model, processor = M.load(str(path))
     selectors = path / SELECTORS
     return model, processor, selectors if selectors.is_file() else None

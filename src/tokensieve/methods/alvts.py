@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from ..ops.alvts import V2V_ROWS
 from ..runtime.schedule import BudgetUnreachable, Routing, Schedule
 from .base import check_budget, check_type, first_layers, is_int, mean_budget
 
@@ -61,6 +62,9 @@ class ALVTS:
         start_layer: first layer with a selector (the paper shows none before the first layer).
         rank: rank of the on-the-fly SVD selectors (default: hidden width / 16, at least 8: the
             paper's R = 256 on a 4096-wide 7B model).
+        v2v_rows: what the V2V term's mean over the image's rows divides by: "all" (default) the
+            N image rows, "attending" only the rows the causal mask lets attend to the token (the
+            token's own and the ones after it); docs/methods.md, "The ALVTS score".
     """
 
     budget: float | None = None
@@ -68,6 +72,7 @@ class ALVTS:
     selectors: object = None
     start_layer: int = 1
     rank: int | None = None
+    v2v_rows: str = "all"
 
     def __post_init__(self) -> None:
         if self.budget is None and self.ratio is None:
@@ -79,6 +84,8 @@ class ALVTS:
             raise ValueError(f"start_layer must be >= 0, got {self.start_layer}")
         if self.rank is not None and self.rank < 1:
             raise ValueError(f"rank must be positive, got {self.rank}")
+        if self.v2v_rows not in V2V_ROWS:
+            raise ValueError(f"v2v_rows must be one of {', '.join(map(repr, V2V_ROWS))}, got {self.v2v_rows!r}")
         if self.selectors is not None and not isinstance(self.selectors, (str, Path)) and not hasattr(self.selectors, "layers"):
             raise ValueError("selectors must be a tokensieve.Selectors, a path to one, or None")
 
@@ -110,7 +117,7 @@ class ALVTS:
             return layer_counts(n, mean_budget(self.budget, self.ratio, n), num_layers, self.start_layer)[layer]
 
         def score(index, layer, hidden, rotary, item, valid, max_items):
-            return layer_scores(layer, hidden, rotary, item, valid, selectors.layers[index], max_items)
+            return layer_scores(layer, hidden, rotary, item, valid, selectors.layers[index], max_items, self.v2v_rows)
 
         def flops(index: int, widths, rows: int, items: int) -> int:
             query = selectors.layers[index].query

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from .received_attention import CHUNK_ELEMENTS
+V2V_ROWS = ("all", "attending")  # what S_V2V(i) divides by: all rows of i's image, or those at or after i
 
 
 def row_weights(item: torch.Tensor, valid: torch.Tensor, max_items: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,7 +29,7 @@ def row_weights(item: torch.Tensor, valid: torch.Tensor, max_items: int | None =
 
 
 def alvts_scores(q: torch.Tensor, k: torch.Tensor, item: torch.Tensor, valid: torch.Tensor,
-                 max_items: int | None = None) -> torch.Tensor:
+                 max_items: int | None = None, v2v_rows: str = "all") -> torch.Tensor:
     """S(i) = S_V2V(i) * S_T2V(i) for every visual row i (0 elsewhere), from queries and keys.
 
     A is the causal softmax attention averaged over heads: logits in q's dtype, softmax and sums in
@@ -46,6 +47,9 @@ def alvts_scores(q: torch.Tensor, k: torch.Tensor, item: torch.Tensor, valid: to
         item: (B, S) long: visual item of each row, -1 for text; an item lies in one batch row.
         valid: (B, S) bool: False at padding (never a key, except to itself).
         max_items: the most items in one batch row, when the caller knows it on the host (no sync).
+        v2v_rows: "all" divides S_V2V(i)'s sum by all N rows of i's image (the default); "attending"
+            by the rows of that image that can attend to i under the causal mask (i itself and the
+            ones after it), so early tokens are not favoured for having more rows able to see them.
     Returns:
         (B, S) float32 scores.
     """
@@ -65,4 +69,17 @@ def alvts_scores(q: torch.Tensor, k: torch.Tensor, item: torch.Tensor, valid: to
         sums = sums + F.pad(weights[:, :, start:stop] @ attention, (0, length - stop))
     means = sums / weights.sum(-1, keepdim=True).clamp(min=1)
     own = means[:, 1:].gather(1, local.clamp(min=0)[:, None, :]).squeeze(1)  # V2V of each row's own item
+    if v2v_rows == "attending":
+        own = attending_v2v(sums, weights, local)
     return torch.where((item >= 0) & valid, own * means[:, 0], torch.zeros_like(own))
+
+
+def attending_v2v(sums: torch.Tensor, weights: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """S_V2V(i) divided by the valid rows of i's own item at or after i (those the causal mask lets attend to i).
+
+    sums, weights: (B, 1 + I, S) as in `alvts_scores`; local: (B, S) in-row item number, -1 for text.
+    Returns (B, S) float32 (text rows: meaningless, masked by the caller).
+    """
+    later = weights[:, 1:].flip(-1).cumsum(-1).flip(-1)  # (B, I, S): rows of item g at positions >= s
+    index = local.clamp(min=0)[:, None, :]
+    return (sums[:, 1:].gather(1, index) / later.gather(1, index).clamp(min=1)).squeeze(1)
