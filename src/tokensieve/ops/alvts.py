@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from .received_attention import CHUNK_ELEMENTS
+
 V2V_ROWS = ("all", "attending")  # what S_V2V(i) divides by: all rows of i's image, or those at or after i
 
 
