@@ -1,5 +1,6 @@
 """One list of every family the tests build: a tiny model, a left-padded batch of two prompts with
-images of different sizes, each prompt alone, and a batch where one image is very small."""
+images of different sizes (or, for the video families, a video beside an image and a video), each
+prompt alone, and a batch where one image is very small."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from tiny import llava_inputs, row_inputs, tiny_llava
 from tiny_llava_next import SIZES, anyres_inputs, tiny_anyres
 from tiny_llava_next import row_inputs as anyres_row
 from tiny_qwen import qwen_inputs, row as qwen_row, tiny_qwen
+from tiny_video import tiny_video_llava, video_inputs, video_row
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,20 @@ def _anyres(kind: str) -> FamilyCase:
     )
 
 
+# A prompt with one video beside one with an image and a video (3 frames each: the models take one
+# (V, F, ...) tensor of videos, so the frame count is shared by a batch).
+VIDEO_PROMPTS = [(5, "video", 7), (2, "image", 1, "video", 3)]
+
+
+def _video(name: str, make: Callable) -> FamilyCase:
+    return FamilyCase(
+        name,
+        make=make,
+        batch=lambda model: video_inputs(model, VIDEO_PROMPTS, frames=3),
+        rows=lambda batch: [video_row(batch, VIDEO_PROMPTS, i) for i in range(len(VIDEO_PROMPTS))],
+    )
+
+
 FAMILIES = {
     "llava": FamilyCase(
         "llava",
@@ -56,6 +72,7 @@ FAMILIES = {
     "qwen2_vl": _qwen("qwen2_vl"),
     "qwen2_5_vl": _qwen("qwen2_5_vl"),
     "qwen3_vl": _qwen("qwen3_vl"),
+    "video_llava": _video("video_llava", tiny_video_llava),
 }
 
 

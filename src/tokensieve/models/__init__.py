@@ -8,8 +8,11 @@ from .llava import LlavaFamily
 from .llava_next import LlavaNextFamily
 from .llava_onevision import LlavaOnevisionFamily
 from .qwen_vl import Qwen3VLFamily, QwenVLFamily
+from .video_llava import VideoLlavaFamily
 
-FAMILIES: tuple[Family, ...] = (LlavaFamily(), LlavaNextFamily(), LlavaOnevisionFamily(), QwenVLFamily(), Qwen3VLFamily())
+FAMILIES: tuple[Family, ...] = (
+    LlavaFamily(), LlavaNextFamily(), LlavaOnevisionFamily(), QwenVLFamily(), Qwen3VLFamily(), VideoLlavaFamily(),
+)
 
 
 def supported_model_types() -> list[str]:

@@ -20,7 +20,8 @@ class VisualItem:
         budget_tokens: token count the budget is measured against (n less the pinned tokens).
         grid: (rows, cols) of the token grid where the item is one plain grid, for pictures.
         segments: lengths of consecutive slot runs that are budgeted and reduced separately (a
-            video's frames); None: the whole item is one segment.
+            video's frames, pinned rows such as a frame's CLS token included); None: the whole item
+            is one segment.
         floored: names of the stages that kept the method's minimum (or the whole item, when smaller)
             because the budget asked for fewer tokens than the method can reduce to.
     """
@@ -34,11 +35,15 @@ class VisualItem:
     floored: set[str] = field(default_factory=set)
 
     def spans(self) -> list[tuple[int, int, int]]:
-        """(first slot, slot count, budget tokens) of each separately reduced segment."""
+        """(first slot, slot count, budget tokens) of each separately reduced segment; a segment's
+        budget counts its slots less the pinned ones."""
         if self.segments is None:
             return [(0, self.keep.numel(), self.budget_tokens)]
         starts = [sum(self.segments[:i]) for i in range(len(self.segments))]
-        return [(start, length, length) for start, length in zip(starts, self.segments)]
+        return [(start, length, length - self._pinned_in(start, length)) for start, length in zip(starts, self.segments)]
+
+    def _pinned_in(self, start: int, length: int) -> int:
+        return 0 if self.pinned is None else int(self.pinned[start : start + length].sum())
 
     def __post_init__(self) -> None:
         if self.budget_tokens is None:
