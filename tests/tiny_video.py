@@ -1,6 +1,7 @@
 """Tiny video VLMs built from configs (random weights, no download), and video inputs built without a
-processor: Video-LLaVA (CLIP towers of 24x24-pixel views in 4x4 patches: 36 patches + CLS per frame)
-and LLaVA-NeXT-Video (the tiny LLaVA-NeXT geometry; a frame's 12x12 patches pooled to 6x6 = 36)."""
+processor: Video-LLaVA (CLIP towers of 24x24-pixel views in 4x4 patches: 36 patches + CLS per frame),
+LLaVA-NeXT-Video and LLaVA-OneVision (the tiny LLaVA-NeXT geometry, tiny_llava_next.py; a frame's 12x12
+patches pooled to 6x6 = 36, plus one newline after a OneVision video's last frame)."""
 from __future__ import annotations
 
 import torch
@@ -57,13 +58,14 @@ def video_inputs(model, prompts: list[tuple], frames: int, seed: int = 0) -> dic
     """A left-padded batch: prompt i is a tuple of text lengths and placeholders, e.g. (5, "video", 7) or
     (2, "image", 1, "video", 3); every video has `frames` frames.
 
-    Images are one view each (Video-LLaVA) or AnyRes images of the first tiny LLaVA-NeXT size (NeXT-Video).
+    Images are one view each (Video-LLaVA) or AnyRes images of the first tiny LLaVA-NeXT size (NeXT-Video,
+    OneVision).
     Returns input_ids, attention_mask, pixel_values_videos (V, F, 3, S, S), and pixel_values (+ image_sizes
     for NeXT-Video) when a prompt holds an image.
     """
     generator = torch.Generator().manual_seed(seed)
     side = model.config.vision_config.image_size
-    anyres = model.config.model_type == "llava_next_video"
+    anyres = model.config.model_type in ("llava_next_video", "llava_onevision")
     image_count = sum(part == "image" for prompt in prompts for part in prompt)
     video_count = sum(part == "video" for prompt in prompts for part in prompt)
     out = {"pixel_values_videos": torch.randn(video_count, frames, 3, side, side, generator=generator)}

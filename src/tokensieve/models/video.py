@@ -96,3 +96,38 @@ def refuse_vision_attention(port: FamilyPort, why: str) -> None:
             f"model's video rows are {why}, so no encoder layer's rows; run video prompts without this method "
             "(images are supported)"
         )
+
+
+def pooled_video_wrapper(port: FamilyPort, trail: int, why: str) -> Callable[[Callable], Callable]:
+    """A wrapper factory for `get_video_features` of the families whose videos reach the language model
+    as pooled, projected frames: pooler_output (V, F * R + trail, D_text) (R pooled rows per frame, `trail`
+    pinned rows after the last frame). Every frame is reduced there, in the projected space, so the
+    budget counts the tokens the language model receives. A method that reads the vision attention is
+    refused before the video is encoded (`why`: what the pooled rows are)."""
+
+    def make_wrapper(original: Callable) -> Callable:
+        def wrapper(*args, **kwargs):
+            refuse_vision_attention(port, why)
+            pixels = kwargs.get("pixel_values_videos", args[0] if args else None)  # (V, F, C, H, W)
+            as_tuple = kwargs.get("return_dict") is False
+            output = original(*args, **{**kwargs, "return_dict": True})
+            output.pooler_output = _reduce_pooled(port, output.pooler_output, pixels.shape[1], trail)
+            return output.to_tuple() if as_tuple else output
+
+        return wrapper
+
+    return make_wrapper
+
+
+def _reduce_pooled(port: FamilyPort, features: torch.Tensor, frames: int, trail: int) -> torch.Tensor:
+    """(V, F * R + trail, D) -> the same, each of the F frames of R rows reduced on its own."""
+    count, length, width = features.shape
+    rows = (length - trail) // frames
+    if rows * frames + trail != length:
+        raise RuntimeError(f"a video of {frames} frames came back as {length} rows, not {frames} x R + {trail}; "
+                           "this transformers version lays videos out differently")
+    videos = features[:, : frames * rows].unflatten(1, (frames, rows))
+    reduced = reduce_videos(port, videos, FrameLayout(frames=frames, rows=rows, trail=trail))
+    if reduced is videos:
+        return features
+    return torch.cat([reduced.flatten(1, 2), features[:, frames * rows :]], dim=1)

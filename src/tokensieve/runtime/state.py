@@ -193,7 +193,8 @@ class Stats:
             hidden states each layer actually received.
         rows_per_layer: (B, L) long: all non-padding rows (text + visual) each layer processed.
         kept: one dict per visual item (in sequence order): stage name -> (k,) long indices of the
-            item's placeholder tokens that stage kept.
+            item's placeholder tokens that stage kept (over all frames of a video; `kept_per_frame`
+            counts them per frame).
         rows: the batch row of each visual item.
         items: the VisualItem records (modality, grid, ...).
         selection_flops: FLOPs the method itself spent choosing (stage-1 plans of the last
@@ -238,6 +239,21 @@ class Stats:
     def floored(self) -> list[list[str]]:
         """Per visual item, the stages that kept the method's minimum instead of the budget's count."""
         return [sorted(item.floored) for item in self.items]
+
+    def kept_per_frame(self, stage: str = "stage1") -> list[list[int]]:
+        """Per visual item, the tokens `stage` kept in each of its frames (a video's segments; one entry
+        for an image), pinned tokens (a frame's CLS, newlines) not counted. `stage`: "stage1", a decoder
+        stage's name ("stage2", "fastv", ...), or "layer{l}" for a routed layer l."""
+        counts = []
+        for item, kept in zip(self.items, self.kept):
+            if stage not in kept:
+                raise ValueError(f"no stage {stage!r} in this prefill; its stages are {sorted(kept)}")
+            chosen = torch.zeros(item.keep.numel(), dtype=torch.bool)
+            chosen[kept[stage].cpu()] = True
+            if item.pinned is not None:
+                chosen &= ~item.pinned.cpu()
+            counts.append([int(chosen[start : start + length].sum()) for start, length, _ in item.spans()])
+        return counts
 
     @property
     def mean_tokens_per_layer(self) -> torch.Tensor:
