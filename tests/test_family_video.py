@@ -204,3 +204,19 @@ def test_llava_next_video_visionzip_runs_on_images():
                 for item in handle.stats.items]
     assert handle.stats.tokens_per_layer[:, 0].tolist() == expected
 
+
+
+@pytest.mark.parametrize("method", [ts.ApET(ratio=0.25, num_basis=2), ts.DART(ratio=0.6)], ids=lambda m: type(m).__name__)
+def test_replay_reproduces_a_video_prefill(method):
+    """The speed benchmark's oracle: `Replay.from_handle` keeps the same tokens of every frame (per-frame
+    plans replayed in the order the prefill asked for them) and gives the same per-layer counts."""
+    model = built("video_llava")
+    batch = FAMILIES["video_llava"].batch(model)
+    with ts.compress(model, method) as handle:
+        forward_logits(model, batch)
+    with ts.compress(model, ts.Replay.from_handle(handle)) as replayed:
+        forward_logits(model, batch)
+    assert torch.equal(replayed.stats.tokens_per_layer, handle.stats.tokens_per_layer)
+    for original, again in zip(handle.stats.kept, replayed.stats.kept):
+        assert original.keys() == again.keys()
+        assert all(torch.equal(original[stage], again[stage]) for stage in original)

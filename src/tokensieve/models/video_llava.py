@@ -56,7 +56,7 @@ class VideoLlavaFamily(Family):
                 return None  # a projector call outside the two encoders: left alone
             features = args[0] if args else kwargs["image_features"]  # (I or V * F, R, D_vision)
             if modality == "image":
-                reduced = reduce_images(port, features, model.config.vision_feature_select_strategy)
+                reduced = reduce_images(port, features, model.config)
             else:
                 reduced = _reduce_video_rows(port, features, encoding["frames"], _has_cls(outer.video_tower))
             if reduced is None:
