@@ -1,5 +1,6 @@
 """One list of every family the tests build: a tiny model, a left-padded batch of two prompts with
-images of different sizes, each prompt alone, and a batch where one image is very small."""
+images of different sizes (or, for the video families, a video beside an image and a video), each
+prompt alone, and a batch where one image is very small."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from tiny import llava_inputs, row_inputs, tiny_llava
 from tiny_llava_next import SIZES, anyres_inputs, tiny_anyres
 from tiny_llava_next import row_inputs as anyres_row
 from tiny_qwen import qwen_inputs, row as qwen_row, tiny_qwen
+from tiny_video import tiny_llava_next_video, tiny_video_llava, video_inputs, video_row
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,23 @@ def _anyres(kind: str) -> FamilyCase:
     )
 
 
+# Video families: a prompt with one video beside one with an image and a video where the image is
+# small (Video-LLaVA: 36 tokens), two video prompts where it is a 400-token AnyRes image (NeXT-Video,
+# OneVision: their mixed prompts run in test_family_video.py). 3 frames each: the models take one
+# (V, F, ...) tensor of videos, so a batch shares its frame count.
+VIDEO_PROMPTS = [(5, "video", 7), (2, "image", 1, "video", 3)]
+VIDEO_ONLY_PROMPTS = [(5, "video", 7), (2, "video", 3)]
+
+
+def _video(name: str, make: Callable, prompts: list[tuple]) -> FamilyCase:
+    return FamilyCase(
+        name,
+        make=make,
+        batch=lambda model: video_inputs(model, prompts, frames=3),
+        rows=lambda batch: [video_row(batch, prompts, i) for i in range(len(prompts))],
+    )
+
+
 FAMILIES = {
     "llava": FamilyCase(
         "llava",
@@ -57,6 +76,10 @@ FAMILIES = {
     "qwen2_vl": _qwen("qwen2_vl"),
     "qwen2_5_vl": _qwen("qwen2_5_vl"),
     "qwen3_vl": _qwen("qwen3_vl"),
+    "video_llava": _video("video_llava", tiny_video_llava, VIDEO_PROMPTS),
+    "llava_next_video": _video("llava_next_video", tiny_llava_next_video, VIDEO_ONLY_PROMPTS),
+    "llava_onevision_video": _video("llava_onevision_video", lambda attn: tiny_anyres("llava_onevision", attn),
+                                    VIDEO_ONLY_PROMPTS),
 }
 
 

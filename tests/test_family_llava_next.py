@@ -268,12 +268,3 @@ def test_onevision_several_images_in_one_prompt(onevision):
     assert handle.stats.tokens_per_layer[0].tolist() == [2 * t for t in per_layer]
     assert [kept["stage1"][-1].item() for kept in handle.stats.kept] == [SIDE * SIDE] * 2  # the newline
 
-
-def test_onevision_video_is_refused(onevision):
-    model = onevision
-    video = torch.randn(1, 2, 3, CROP, CROP)
-    with ts.compress(model, APET_64):
-        with pytest.raises(ValueError, match="videos"):
-            model.model.get_video_features(video)
-    with torch.no_grad():
-        model.model.get_video_features(video)  # untouched again

@@ -40,6 +40,12 @@ REFUSED = {
     ("PDrop", "qwen3_vl"): (DEEPSTACK, dict(ratio=0.6, layers=(3, 4, 5))),
     ("DART", "qwen3_vl"): (DEEPSTACK, dict(layer=3)),
     ("VisionZip", "llava_onevision"): ("reads the attention of the vision encoder layer", None),
+    ("VisionZip", "llava_onevision_video"): ("reads the attention of the vision encoder layer", None),
+}
+# Cells accepted by `compress` whose method is refused when a video is encoded (its images run; see
+# test_family_video.py): (method, family) -> the words the error must contain.
+REFUSED_ON_VIDEOS = {
+    ("VisionZip", "llava_next_video"): "reads the attention of the vision encoder layer .* pooled",
 }
 CELLS = [(m, f) for m in registry.method_names() for f in FAMILIES]
 
@@ -65,6 +71,10 @@ def runnable_method(cell, attn: str = "sdpa"):
     A refused cell first checks the refusal (on the model under `attn`): the error's words, and nothing
     installed."""
     name, family = cell
+    if cell in REFUSED_ON_VIDEOS:
+        check_refused_on_videos(built(family), FAMILIES[family].batch(built(family)), method_of(name),
+                                REFUSED_ON_VIDEOS[cell])
+        return None
     if cell not in REFUSED:
         return method_of(name)
     words, fix = REFUSED[cell]
@@ -74,6 +84,18 @@ def runnable_method(cell, attn: str = "sdpa"):
         ts.compress(model, method_of(name))
     assert module_snapshot(model) == before
     return None if fix is None else method_of(name, **fix)
+
+
+def check_refused_on_videos(model, batch: dict, method, words: str) -> None:
+    """The forward raises the error before any video is encoded, and leaving the block leaves the model
+    as it was: no hook, the untouched logits."""
+    reference = forward_logits(model, batch)
+    before = module_snapshot(model)
+    with pytest.raises(ValueError, match=words):
+        with ts.compress(model, method):
+            forward_logits(model, batch)
+    assert module_snapshot(model) == before
+    torch.testing.assert_close(forward_logits(model, batch), reference, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("cell", CELLS, ids=cell_id)
@@ -93,8 +115,10 @@ def run_contract(cell, attn: str) -> None:
     check_keep_all(model, batch, dataclasses.replace(method, budget=None, ratio=1.0))
     with ts.compress(model, method) as handle:
         forward_logits(model, batch)
-    per_layer = handle.stats.tokens_per_layer
-    sizes = torch.tensor([[item.keep.numel() for item in handle.stats.items]]).T
+    per_layer, stats = handle.stats.tokens_per_layer, handle.stats
+    sizes = torch.zeros(per_layer.shape[0], 1, dtype=torch.long)
+    for item, row in zip(stats.items, stats.rows):
+        sizes[row] += item.keep.numel()
     assert (per_layer[:, -1:] < sizes).all(), "the method pruned nothing"
     if reads_prompt:
         check_cached_equals_held(model, batch, method)

@@ -150,15 +150,16 @@ def qwen_inputs(model_type: str, prompts: list[tuple[int, tuple[int, int], int]]
     return build_inputs(model_type, [[before, ("image", grid), after] for before, grid, after in prompts], seed)
 
 
-def row(inputs: dict, index: int) -> dict:
-    """Prompt `index` of a one-image-per-prompt batch alone, without its padding."""
+def row(inputs: dict, index: int, modality: str = "image") -> dict:
+    """Prompt `index` of a batch with one image (or one video) per prompt alone, without its padding."""
+    pixels, grid = ("pixel_values", "image_grid_thw") if modality == "image" else ("pixel_values_videos", "video_grid_thw")
     keep = inputs["attention_mask"][index].bool()
-    patches = inputs["image_grid_thw"].prod(-1)
+    patches = inputs[grid].prod(-1)
     start = int(patches[:index].sum())
     return {
         "input_ids": inputs["input_ids"][index : index + 1, keep],
         "attention_mask": inputs["attention_mask"][index : index + 1, keep],
         "mm_token_type_ids": inputs["mm_token_type_ids"][index : index + 1, keep],
-        "pixel_values": inputs["pixel_values"][start : start + int(patches[index])],
-        "image_grid_thw": inputs["image_grid_thw"][index : index + 1],
+        pixels: inputs[pixels][start : start + int(patches[index])],
+        grid: inputs[grid][index : index + 1],
     }

@@ -44,7 +44,13 @@ SHAPES = {
                              "a tiny Qwen2.5-VL structure for tests (windowed ViT, 2x2 merger, M-RoPE)"),
     "qwen2.5-vl-7b": Shape("qwen2.5-vl-7b", 28, 3584, 28, 4, 18944, 32, 1280, 16, 3420,
                            "Qwen2.5-VL-7B: windowed ViT, 2x2 merger, Qwen2-7B language model"),
+    "video-llava-7b": Shape("video-llava-7b", 32, 4096, 32, 32, 11008, 24, 1024, 16, 4096,
+                            "Video-LLaVA-7B: 8 frames of CLIP ViT-L/14 at 224 px (256 patches + CLS each: 2056 "
+                            "tokens, 2048 budgeted), Vicuna-7B"),
+    "qwen2.5-vl-7b-video": Shape("qwen2.5-vl-7b-video", 28, 3584, 28, 4, 18944, 32, 1280, 16, 3420,
+                                 "Qwen2.5-VL-7B on a 16-frame clip: 8 frame groups of 256 tokens (2048) at 448 px"),
 }
+VIDEO_FRAMES = {"video-llava-7b": 8, "qwen2.5-vl-7b-video": 16}  # input frames of the video presets
 
 
 @dataclass
@@ -53,13 +59,19 @@ class Built:
 
     Attributes:
         vision_flops: analytic FLOPs of the vision tower and projector for this input.
-        visual_tokens: placeholder tokens of the image in the prompt.
+        visual_tokens: placeholder tokens of the image (or video) in the prompt.
+        budget_tokens: the tokens a budget is measured against: the image's, or one video frame's.
     """
 
     model: torch.nn.Module
     inputs: dict
     vision_flops: int
     visual_tokens: int
+    budget_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.budget_tokens is None:
+            self.budget_tokens = self.visual_tokens
 
 
 def _text_config(shape: Shape, layers: int, cls):
@@ -106,6 +118,28 @@ def build_llava(shape: Shape, layers: int, vision_layers: int, device: str = "cp
     return Built(model, inputs, vision_flops + projector, 576)
 
 
+def build_video_llava(shape: Shape, layers: int, vision_layers: int, device: str = "cpu") -> Built:
+    """Video-LLaVA with one video of VIDEO_FRAMES frames; the language model receives each frame's 256
+    patches and its CLS token."""
+    from transformers import CLIPVisionConfig, LlamaConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(hidden_size=shape.vision_hidden, intermediate_size=shape.vision_intermediate,
+                              num_hidden_layers=vision_layers, num_attention_heads=shape.vision_heads,
+                              image_size=224, patch_size=14, projection_dim=768)
+    config = VideoLlavaConfig(vision_config=vision, text_config=_text_config(shape, layers, LlamaConfig),
+                              image_token_index=IMAGE_TOKEN, video_token_index=VIDEO_TOKEN, vision_feature_layer=-2,
+                              projector_hidden_act="gelu")
+    model = _construct(VideoLlavaForConditionalGeneration, config, device)
+    frames = VIDEO_FRAMES[shape.name]
+    visual = frames * 257
+    ids = _prompt(visual, token=VIDEO_TOKEN)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+              "pixel_values_videos": torch.randn(1, frames, 3, 224, 224)}
+    vision_flops = frames * vit_flops(257, shape.vision_hidden, shape.vision_intermediate, vision_layers - 1)
+    projector = 2 * visual * (shape.vision_hidden * shape.hidden + shape.hidden * shape.hidden)
+    return Built(model, inputs, vision_flops + projector, visual, budget_tokens=256)
+
+
 def build_llava_next(shape: Shape, layers: int, vision_layers: int, device: str = "cpu") -> Built:
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
 
@@ -138,10 +172,12 @@ def mrope_sections(head_dim: int) -> list[int]:
 
 
 def build_qwen25(shape: Shape, layers: int, vision_layers: int, resolution: int = 448, device: str = "cpu") -> Built:
+    """Qwen2.5-VL with one image, or one video of VIDEO_FRAMES frames (frame groups of 2) for the video preset."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     side = resolution // 14
     merged = (side // 2) ** 2
+    groups = VIDEO_FRAMES.get(shape.name, 0) // 2  # temporal_patch_size 2: two frames per group
     full_blocks = [i for i in (7, 15, 23, 31) if i < vision_layers] or [vision_layers - 1]
     vision = dict(depth=vision_layers, hidden_size=shape.vision_hidden, intermediate_size=shape.vision_intermediate,
                   num_heads=shape.vision_heads, out_hidden_size=shape.hidden, patch_size=14, spatial_merge_size=2,
@@ -153,16 +189,19 @@ def build_qwen25(shape: Shape, layers: int, vision_layers: int, resolution: int 
     config = Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
                               video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
     model = _construct(Qwen2_5_VLForConditionalGeneration, config, device)
-    ids = _prompt(merged, start=VISION_START, end=VISION_END)
+    frames = max(1, groups)
+    token = VIDEO_TOKEN if groups else IMAGE_TOKEN
+    ids = _prompt(merged * frames, token=token, start=VISION_START, end=VISION_END)
+    pixels, grid = ("pixel_values_videos", "video_grid_thw") if groups else ("pixel_values", "image_grid_thw")
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-              "mm_token_type_ids": (ids == IMAGE_TOKEN).int(),
-              "pixel_values": torch.randn(side * side, 3 * 2 * 14 * 14), "image_grid_thw": torch.tensor([[1, side, side]])}
-    patches = side * side
+              "mm_token_type_ids": (ids == IMAGE_TOKEN).int() + 2 * (ids == VIDEO_TOKEN).int(),
+              pixels: torch.randn(frames * side * side, 3 * 2 * 14 * 14), grid: torch.tensor([[frames, side, side]])}
+    patches = side * side  # the ViT attends within one frame group (its windows and full-attention blocks)
     windowed = len([i for i in range(vision_layers) if i not in full_blocks])
     vision_flops = (vit_flops(patches, shape.vision_hidden, shape.vision_intermediate, windowed, window=64)
                     + vit_flops(patches, shape.vision_hidden, shape.vision_intermediate, vision_layers - windowed))
     merger = 2 * merged * (4 * shape.vision_hidden) ** 2 + 2 * merged * 4 * shape.vision_hidden * shape.hidden
-    return Built(model, inputs, vision_flops + merger, merged)
+    return Built(model, inputs, frames * (vision_flops + merger), merged * frames, budget_tokens=merged)
 
 
 def build(name: str, layers: int | None, vision_layers: int | None, dtype: torch.dtype, attn: str = "sdpa",
@@ -177,12 +216,13 @@ def build(name: str, layers: int | None, vision_layers: int | None, dtype: torch
     if not 1 <= layers <= shape.text_layers or not 2 <= vision_layers <= shape.vision_layers:
         raise ValueError(f"{name}: layers must be in [1, {shape.text_layers}] and vision layers in [2, {shape.vision_layers}]")
     torch.manual_seed(seed)
-    builder = {"llava-1.5-7b": build_llava, "tiny-llava": build_llava, "llava-next-7b": build_llava_next}.get(name)
+    builder = {"llava-1.5-7b": build_llava, "tiny-llava": build_llava, "llava-next-7b": build_llava_next,
+               "video-llava-7b": build_video_llava}.get(name)
     built = (builder(shape, layers, vision_layers, device) if builder
              else build_qwen25(shape, layers, vision_layers, resolution, device))
     built.model = built.model.to(dtype).eval()
     built.model.set_attn_implementation(attn)
-    for key in ("pixel_values",):
+    for key in [k for k in built.inputs if k.startswith("pixel_values")]:
         built.inputs[key] = built.inputs[key].to(dtype)
     return shape, built
 

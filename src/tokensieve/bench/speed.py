@@ -124,10 +124,10 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int | None:
 
 
 def make_method(name: str, budget: int, layers: int, visual_tokens: int, selectors=None):
-    """The registry's method `name` at this budget.
+    """The registry's method `name` at this budget (per item: an image, or one video frame).
 
     ALVTS starts routing at layer 1 (the paper's figure) when the other layers can still share the
-    budget after layer 0 processed all `visual_tokens`, else at layer 0. It uses `selectors` when given
+    budget after layer 0 processed all `visual_tokens` (of one item), else at layer 0. It uses `selectors` when given
     (the SVD ones built once for every budget: an exact SVD of a 4096 x 4096 projection takes seconds
     on a CPU), else builds its own."""
     cls = registry.entry(name).cls
@@ -225,7 +225,7 @@ def run_speed(shape_name: str = "llava-1.5-7b", budgets=(192, 128, 64), methods=
                    full_flops=full_prefill_flops(shape, built, layers))
     selectors = shared_selectors(built.model) if "ALVTS" in methods else None
     jobs = [("full", None, None)]
-    jobs += [(m, b, make_method(m, b, layers, built.visual_tokens, selectors)) for b in budgets for m in methods]
+    jobs += [(m, b, make_method(m, b, layers, built.budget_tokens, selectors)) for b in budgets for m in methods]
     records, skipped = [], []
     for label, budget, method in tqdm(jobs, desc=f"bench speed {shape_name}", disable=not progress):
         try:

@@ -6,10 +6,15 @@ import torch
 from .base import Family, ModelParts
 from .llava import LlavaFamily
 from .llava_next import LlavaNextFamily
+from .llava_next_video import LlavaNextVideoFamily
 from .llava_onevision import LlavaOnevisionFamily
 from .qwen_vl import Qwen3VLFamily, QwenVLFamily
+from .video_llava import VideoLlavaFamily
 
-FAMILIES: tuple[Family, ...] = (LlavaFamily(), LlavaNextFamily(), LlavaOnevisionFamily(), QwenVLFamily(), Qwen3VLFamily())
+FAMILIES: tuple[Family, ...] = (
+    LlavaFamily(), LlavaNextFamily(), LlavaOnevisionFamily(), QwenVLFamily(), Qwen3VLFamily(), VideoLlavaFamily(),
+    LlavaNextVideoFamily(),
+)
 
 
 def supported_model_types() -> list[str]:

@@ -92,7 +92,7 @@ class Family:
             raise ValueError(
                 "this method reads the attention of the vision encoder layer behind the visual features, and "
                 f"tokensieve names no such layer for {model.config.model_type} models; it reads them on llava, "
-                "llava_next, qwen2_vl, qwen2_5_vl and qwen3_vl"
+                "llava_next, llava_next_video (images), video_llava, qwen2_vl, qwen2_5_vl and qwen3_vl"
             )
         return LayerAttention(where)
 

@@ -48,6 +48,25 @@ def clip_feature_rows(crops: torch.Tensor, tokens: torch.Tensor, crop_tokens: in
     return crops * (crop_tokens + skipped) + skipped + tokens
 
 
+def reduce_images(port: FamilyPort, features: torch.Tensor, config: Any) -> torch.Tensor | None:
+    """One encoding of LLaVA-1.5 images: (I, N, D_vision) selected-layer features -> the same shape with
+    each image's plan output at its kept rows and zeros elsewhere (None when no image was reduced), and
+    one VisualItem per image recorded. A method reading the vision attention finds the features' rows
+    of the feature layer through `config.vision_feature_select_strategy`."""
+    port.begin_items("image")
+    count, n = features.shape[:2]
+    sources = None
+    if port.reads_vision_attention:
+        strategy = config.vision_feature_select_strategy
+        sources = [clip_feature_rows(torch.tensor(i), torch.arange(n), n, strategy) for i in range(count)]
+    parts = reduce_parts(port, list(features), [port.keep(n)] * count, "image", sources)
+    for part in parts:
+        port.add_item(VisualItem("image", part.keep(features.device), grid=square_grid(n)))
+    if all(part.plan is None for part in parts):
+        return None
+    return torch.stack([part.apply(x) for part, x in zip(parts, features)])
+
+
 class LlavaFamily(Family):
     """The projector receives (I, N, D_vision) features (CLS already removed by the default strategy).
 
@@ -66,18 +85,9 @@ class LlavaFamily(Family):
     def install_vision_side(self, model: torch.nn.Module, port: FamilyPort, hooks: HookSet) -> None:
         def reduce(module, args, kwargs):
             features = args[0] if args else kwargs["image_features"]  # (I, N, D_vision)
-            port.begin_items("image")
-            count, n = features.shape[:2]
-            sources = None
-            if port.reads_vision_attention:
-                strategy = model.config.vision_feature_select_strategy
-                sources = [clip_feature_rows(torch.tensor(i), torch.arange(n), n, strategy) for i in range(count)]
-            parts = reduce_parts(port, list(features), [port.keep(n)] * count, "image", sources)
-            for part in parts:
-                port.add_item(VisualItem("image", part.keep(features.device), grid=square_grid(n)))
-            if all(part.plan is None for part in parts):
+            reduced = reduce_images(port, features, model.config)
+            if reduced is None:
                 return None
-            reduced = torch.stack([part.apply(x) for part, x in zip(parts, features)])
             return ((reduced,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "image_features": reduced})
 
         hooks.pre(model.model.multi_modal_projector, reduce)

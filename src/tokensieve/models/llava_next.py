@@ -207,8 +207,8 @@ class AnyResFamily(Family):
         shapes = [grid(size, config.image_grid_pinpoints, config.vision_config.image_size) for size in arguments["image_sizes"]]
         return [1 + h * w for h, w in shapes], None
 
-    def _wrap_other_encoders(self, model: torch.nn.Module, hooks: HookSet) -> None:
-        """Wrap encoders this family does not compress (e.g. video) so that they refuse to run."""
+    def _wrap_other_encoders(self, model: torch.nn.Module, port: FamilyPort, hooks: HookSet) -> None:
+        """Wrap the family's other encoders (videos), where it has any."""
 
     # ------------------------------------------------------------------ Family interface
     def check(self, model: torch.nn.Module) -> None:
@@ -225,7 +225,7 @@ class AnyResFamily(Family):
         hooks.wrap_method(outer, "get_image_features", lambda fn: self._encode_wrapper(model, port, state, fn))
         hooks.pre(outer.multi_modal_projector, lambda m, a, k: self._reduce(port, state["encoding"], a, k))
         hooks.wrap_method(outer, "pack_image_features", lambda fn: self._pack_wrapper(port, state, fn))
-        self._wrap_other_encoders(model, hooks)
+        self._wrap_other_encoders(model, port, hooks)
 
     # ------------------------------------------------------------------ get_image_features
     def _encode_wrapper(self, model, port, state: dict, original: Callable) -> Callable:

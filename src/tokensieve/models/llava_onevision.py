@@ -3,19 +3,22 @@
 Differences from LLaVA-NeXT handled here: in a prompt with several images (`batch_num_images` > 1)
 each image is one base crop plus one newline; `vision_aspect_ratio="anyres_max_K"` interpolates the
 unpadded tile grid of large images down to about K crops' worth of tokens after the projector (those
-tile tokens are reduced after packing, in the projected space). Videos are not compressed: a video
-input raises ValueError while a handle is active.
+tile tokens are reduced after packing, in the projected space). Videos: the model pools each frame's
+projected tokens 2x (bilinear) and appends one newline after the last frame; each frame is reduced on
+its own after that pooling, in the projected space (`video.pooled_video_wrapper`), the newline pinned.
 """
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from transformers.models.llava_onevision import modeling_llava_onevision
 
 from ..runtime.hooks import HookSet
+from ..runtime.port import FamilyPort
 from .llava_next import AnyResFamily
+from .video import pooled_video_wrapper
 
 
 def max_tiles_of(vision_aspect_ratio: str) -> int:
@@ -43,16 +46,13 @@ class LlavaOnevisionFamily(AnyResFamily):
         ratio = arguments.get("vision_aspect_ratio") or model.config.vision_aspect_ratio
         return crops, max_tiles_of(ratio)
 
-    def _wrap_other_encoders(self, model: torch.nn.Module, hooks: HookSet) -> None:
-        def refuse(original: Callable) -> Callable:
-            def wrapper(*args: Any, **kwargs: Any):
-                raise ValueError(
-                    "tokensieve does not compress LLaVA-OneVision videos yet; run video prompts without the "
-                    "compression handle (handle.remove() or outside the `with ts.compress(...)` block)"
-                )
-            return wrapper
+    def token_ids(self, config: Any) -> dict[str, int]:
+        return {"image": config.image_token_id, "video": config.video_token_id}
 
-        hooks.wrap_method(model.model, "get_video_features", refuse)
+    def _wrap_other_encoders(self, model: torch.nn.Module, port: FamilyPort, hooks: HookSet) -> None:
+        """Videos: each frame reduced after the model's 2x bilinear pooling, the trailing newline pinned."""
+        wrapper = pooled_video_wrapper(port, trail=1, why="interpolated from the selected layer's rows")
+        hooks.wrap_method(model.model, "get_video_features", wrapper)
 
     def vision_feature_layer(self, model: torch.nn.Module) -> None:
         raise ValueError(

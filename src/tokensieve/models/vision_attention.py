@@ -80,17 +80,22 @@ def group_mean(x: torch.Tensor, group: int) -> torch.Tensor:
 class LayerAttention:
     """Reads a `VisionLayer` in every vision forward; hands out the evidence of the rows asked for.
 
+    `also`: layers of the same kind read the same way (Video-LLaVA's image and video towers, each of
+    which runs right before its own features are reduced); the reading is of whichever ran last.
+
     Attributes:
         reading: (score (R,), keys (R, d)) of the last forward's rows (one per `group` layer rows,
             in the layer's row order), or None before the first.
     """
 
-    def __init__(self, where: VisionLayer) -> None:
+    def __init__(self, where: VisionLayer, also: tuple[torch.nn.Module, ...] = ()) -> None:
         self.where = where
+        self.also = also
         self.reading: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def install(self, hooks: HookSet) -> None:
-        hooks.pre(self.where.layer, self._read)
+        for layer in (self.where.layer, *self.also):
+            hooks.pre(layer, self._read)
 
     def evidence(self, sources: torch.Tensor) -> VisionEvidence:
         """The score (G, n) and keys (G, n, d) of the reading's rows `sources` (G, n) long."""

@@ -36,22 +36,26 @@ class Choice:
 
 
 def top_rows(scores: torch.Tensor, level: Level, items: list[VisualItem], layer: int, schedule: Schedule) -> Choice:
-    """Every text/padding/pinned row, and each item's top-k visual rows by score.
+    """Every text/padding/pinned row, and the top-k visual rows by score of each item's segment (an
+    image, or one video frame: k from the segment's own budget tokens, so a video keeps frames x the
+    per-frame count).
 
     Ties go to the earlier row (stable sort), so the choice is deterministic. Shapes are known on
-    the host (k per item, positions cached per level), so no device sync happens per layer.
+    the host (k per segment, positions cached per level), so no device sync happens per layer.
     """
     budget = lambda n: schedule.routing.keep(layer, n)  # noqa: E731
     keep = (level.item < 0) | level.pinned
     pinned, _ = level.fixed_counts()
     visual_per_row, slots = list(pinned), []
     for rows, item in zip(level.rows, items):
-        batch_row, positions, pinned_positions = rows.batch_row, rows.unpinned, rows.pinned
-        k = schedule.count_noting_floor(budget, item.budget_tokens, positions.numel(), item.floored, f"layer{layer}")
-        chosen = positions[scores[batch_row, positions].argsort(descending=True, stable=True)[:k]]
-        keep[batch_row, chosen] = True
-        slots.append(level.slot[batch_row, torch.cat([chosen, pinned_positions])].sort().values)
-        visual_per_row[batch_row] += k
+        chosen = []
+        for (_, _, budget_tokens), positions in zip(item.spans(), rows.spans):
+            k = schedule.count_noting_floor(budget, budget_tokens, positions.numel(), item.floored, f"layer{layer}")
+            chosen.append(positions[scores[rows.batch_row, positions].argsort(descending=True, stable=True)[:k]])
+            visual_per_row[rows.batch_row] += k
+        chosen = torch.cat(chosen)
+        keep[rows.batch_row, chosen] = True
+        slots.append(level.slot[rows.batch_row, torch.cat([chosen, rows.pinned])].sort().values)
     return Choice(keep, slots, visual_per_row)
 
 

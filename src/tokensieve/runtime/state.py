@@ -20,7 +20,8 @@ class VisualItem:
         budget_tokens: token count the budget is measured against (n less the pinned tokens).
         grid: (rows, cols) of the token grid where the item is one plain grid, for pictures.
         segments: lengths of consecutive slot runs that are budgeted and reduced separately (a
-            video's frames); None: the whole item is one segment.
+            video's frames, pinned rows such as a frame's CLS token included); None: the whole item
+            is one segment.
         floored: names of the stages that kept the method's minimum (or the whole item, when smaller)
             because the budget asked for fewer tokens than the method can reduce to.
     """
@@ -34,11 +35,15 @@ class VisualItem:
     floored: set[str] = field(default_factory=set)
 
     def spans(self) -> list[tuple[int, int, int]]:
-        """(first slot, slot count, budget tokens) of each separately reduced segment."""
+        """(first slot, slot count, budget tokens) of each separately reduced segment; a segment's
+        budget counts its slots less the pinned ones."""
         if self.segments is None:
             return [(0, self.keep.numel(), self.budget_tokens)]
         starts = [sum(self.segments[:i]) for i in range(len(self.segments))]
-        return [(start, length, length) for start, length in zip(starts, self.segments)]
+        return [(start, length, length - self._pinned_in(start, length)) for start, length in zip(starts, self.segments)]
+
+    def _pinned_in(self, start: int, length: int) -> int:
+        return 0 if self.pinned is None else int(self.pinned[start : start + length].sum())
 
     def __post_init__(self) -> None:
         if self.budget_tokens is None:
@@ -188,7 +193,8 @@ class Stats:
             hidden states each layer actually received.
         rows_per_layer: (B, L) long: all non-padding rows (text + visual) each layer processed.
         kept: one dict per visual item (in sequence order): stage name -> (k,) long indices of the
-            item's placeholder tokens that stage kept.
+            item's placeholder tokens that stage kept (over all frames of a video; `kept_per_frame`
+            counts them per frame).
         rows: the batch row of each visual item.
         items: the VisualItem records (modality, grid, ...).
         selection_flops: FLOPs the method itself spent choosing (stage-1 plans of the last
@@ -233,6 +239,21 @@ class Stats:
     def floored(self) -> list[list[str]]:
         """Per visual item, the stages that kept the method's minimum instead of the budget's count."""
         return [sorted(item.floored) for item in self.items]
+
+    def kept_per_frame(self, stage: str = "stage1") -> list[list[int]]:
+        """Per visual item, the tokens `stage` kept in each of its frames (a video's segments; one entry
+        for an image), pinned tokens (a frame's CLS, newlines) not counted. `stage`: "stage1", a decoder
+        stage's name ("stage2", "fastv", ...), or "layer{l}" for a routed layer l."""
+        counts = []
+        for item, kept in zip(self.items, self.kept):
+            if stage not in kept:
+                raise ValueError(f"no stage {stage!r} in this prefill; its stages are {sorted(kept)}")
+            chosen = torch.zeros(item.keep.numel(), dtype=torch.bool)
+            chosen[kept[stage].cpu()] = True
+            if item.pinned is not None:
+                chosen &= ~item.pinned.cpu()
+            counts.append([int(chosen[start : start + length].sum()) for start, length, _ in item.spans()])
+        return counts
 
     @property
     def mean_tokens_per_layer(self) -> torch.Tensor:
