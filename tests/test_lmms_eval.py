@@ -164,8 +164,8 @@ def test_method_fields_are_checked_before_weights(config_only):
         TokenSieve(pretrained=str(config_only), method="none", budget=64)
     with pytest.raises(ValueError, match="ApET: layer must be"):
         TokenSieve(pretrained=str(config_only), method="apet", budget=64, layer="middle")
-    with pytest.raises(ValueError, match="attn_implementation='flash_attention_2' is not supported"):
-        TokenSieve(pretrained=str(config_only), method="apet", budget=64, attn_implementation="flash_attention_2")
+    with pytest.raises(ValueError, match="attn_implementation='flex_attention' is not supported"):
+        TokenSieve(pretrained=str(config_only), method="apet", budget=64, attn_implementation="flex_attention")
     selectors = S.resolve(str(CHECKPOINT), "alvts", {"budget": 64}).method.selectors
     assert Path(selectors) == CHECKPOINT / "alvts_selectors.safetensors"
 
