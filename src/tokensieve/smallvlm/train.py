@@ -338,19 +338,9 @@ def train_questions(model, processor, args, opt, params, watch, budget) -> int:
         with autocast(args.bf16):
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                            pixel_values=b["pixel_values"]).logits
-        sel = logits[b["answer_pos"][:, 0], b["answer_pos"][:, 1]].float()
-        answer_loss = F.cross_entropy(sel, b["answer_ids"])
-        name_loss = patch_word_loss(logits[:, 1:1 + n_image], b["patch_words"])
-        look_loss = attention_loss(model, watch.seen, EVIDENCE_LAYERS, b["answer_pos"], b["evidence"])
-        read_loss = attention_loss(model, watch.seen, QUESTION_LAYERS, b["answer_pos"], b["words"])
-        loss = answer_loss + args.evidence_weight * (look_loss + read_loss) + args.names_weight * name_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        report = question_step(model, logits, watch.seen, b, n_image, args, opt, params)
         if step % 25 == 0:
-            train_acc = (sel.argmax(-1) == b["answer_ids"]).float().mean().item()
-            log(f"B step {step} ({done:.2f}) answer {answer_loss.item():.3f} evidence {look_loss.item():.3f} words {read_loss.item():.3f} names {name_loss.item():.3f} train-acc {train_acc:.3f} lr {opt.param_groups[0]['lr']:.2e}")
+            log(f"B step {step} ({done:.2f}) {report} lr {opt.param_groups[0]['lr']:.2e}")
         step += 1
         if time.time() - last_eval > args.eval_every * 60:
             acc = evaluate(model, processor, "val", args.eval_n)
@@ -359,6 +349,25 @@ def train_questions(model, processor, args, opt, params, watch, budget) -> int:
             last_eval = time.time()
     log(f"stage B done: {step} steps in {time.time() - t0:.0f} s (reproduce with --steps-b {step})")
     return step
+
+
+def question_step(model, logits: torch.Tensor, seen: dict, b: dict, n_image: int, args, opt, params) -> str:
+    """One optimiser step of stage B on a batch `b` (from `qa_batch`) whose forward gave `logits`
+    (B, S, V): the answer loss, plus the attention to the evidence and the question words and the
+    patch names, weighted by args.evidence_weight / args.names_weight. Returns the losses as a log line."""
+    sel = logits[b["answer_pos"][:, 0], b["answer_pos"][:, 1]].float()
+    answer_loss = F.cross_entropy(sel, b["answer_ids"])
+    name_loss = patch_word_loss(logits[:, 1:1 + n_image], b["patch_words"])
+    look_loss = attention_loss(model, seen, EVIDENCE_LAYERS, b["answer_pos"], b["evidence"])
+    read_loss = attention_loss(model, seen, QUESTION_LAYERS, b["answer_pos"], b["words"])
+    loss = answer_loss + args.evidence_weight * (look_loss + read_loss) + args.names_weight * name_loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    train_acc = (sel.argmax(-1) == b["answer_ids"]).float().mean().item()
+    return (f"answer {answer_loss.item():.3f} evidence {look_loss.item():.3f} words {read_loss.item():.3f} "
+            f"names {name_loss.item():.3f} train-acc {train_acc:.3f}")
 
 
 def kind_weights(text: str) -> dict[str, float]:

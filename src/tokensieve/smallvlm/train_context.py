@@ -43,8 +43,8 @@ from . import CHECKPOINT
 from . import model as M
 from . import scenes as S
 from .calibrate import calibrate
-from .train import (EVIDENCE_LAYERS, QUESTION_LAYERS, LayerInputs, attention_loss, dense_loss, evaluate, fmt,
-                    item_seed, kind_weights, log, lr_at, patch_word_loss, qa_batch, HEADS)
+from .train import (EVIDENCE_LAYERS, QUESTION_LAYERS, LayerInputs, dense_loss, evaluate, fmt, item_seed,
+                    kind_weights, log, lr_at, qa_batch, question_step, HEADS)
 
 PAIRS = [(c, s) for c in S.COLOR_NAMES for s in S.SHAPES]
 FACTS = ([("objects", 7)] + [(f"{c} objects", 4) for c in S.COLOR_NAMES]
@@ -205,21 +205,9 @@ def stage_b(model, processor, args, work: Path, state: dict | None, part: str = 
                          args.questions, n_image, args.kind_weights)
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                            pixel_values=b["pixel_values"]).logits
-            sel = logits[b["answer_pos"][:, 0], b["answer_pos"][:, 1]].float()
-            answer_loss = F.cross_entropy(sel, b["answer_ids"])
-            name_loss = patch_word_loss(logits[:, 1:1 + n_image], b["patch_words"])
-            look_loss = attention_loss(model, watch.seen, EVIDENCE_LAYERS, b["answer_pos"], b["evidence"])
-            read_loss = attention_loss(model, watch.seen, QUESTION_LAYERS, b["answer_pos"], b["words"])
-            loss = answer_loss + args.evidence_weight * (look_loss + read_loss) + args.names_weight * name_loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
+            report = question_step(model, logits, watch.seen, b, n_image, args, opt, params)
             if step % 25 == 0:
-                train_acc = (sel.argmax(-1) == b["answer_ids"]).float().mean().item()
-                log(f"{part.upper()} step {step} answer {answer_loss.item():.3f} evidence {look_loss.item():.3f} "
-                    f"words {read_loss.item():.3f} names {name_loss.item():.3f} train-acc {train_acc:.3f} "
-                    f"lr {opt.param_groups[0]['lr']:.2e}")
+                log(f"{part.upper()} step {step} {report} lr {opt.param_groups[0]['lr']:.2e}")
             step += 1
             if time.time() - last_save > args.save_every * 60 or step == args.pause_b_at:
                 save_state(work, stage=part, step=step, model=model.state_dict(), opt=opt.state_dict())
