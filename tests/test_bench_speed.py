@@ -70,3 +70,40 @@ def test_bench_speed_runs_the_qwen_shape_with_its_windowed_vit_and_mrope(tmp_pat
     for r in rest:
         assert abs(r["mean_tokens_per_layer"] - 32) < 1 and r["kv_cache_bytes"] < full["kv_cache_bytes"]
         assert r["decode_s_per_token"] > 0 and r["end_to_end_s"] > 0
+
+
+@pytest.mark.parametrize("shape", ["tiny-llava", "tiny-qwen2.5-vl"])
+def test_tied_layers_compute_what_untied_layers_holding_the_same_weights_compute(shape):
+    """`--tied-layers`: three layers sharing layer 0's tensors give the logits and greedy tokens of three
+    separate layers loaded with those weights (so each layer has its own cache slot), in one layer's memory."""
+    import torch
+
+    from tokensieve.bench.shapes import build
+    from tokensieve.models import family_for
+
+    _, tied = build(shape, 3, 2, torch.float32, resolution=224, tied_layers=True)
+    _, separate = build(shape, 3, 2, torch.float32, resolution=224)
+    separate.model.load_state_dict(tied.model.state_dict())
+    layers = family_for(tied.model).parts(tied.model).layers
+    assert len(layers) == 3 and layers[2].self_attn.q_proj.weight is layers[0].self_attn.q_proj.weight
+    assert layers[2].self_attn.layer_idx == 2
+    with torch.no_grad():
+        expected = separate.model(**separate.inputs).logits
+        got = tied.model(**separate.inputs).logits
+        torch.testing.assert_close(got, expected)
+        options = dict(max_new_tokens=3, do_sample=False)
+        assert torch.equal(tied.model.generate(**separate.inputs, **options),
+                           separate.model.generate(**separate.inputs, **options))
+
+
+def test_bench_speed_prefill_only_on_tied_layers(tmp_path, capsys):
+    """A deep build as a CPU affords it: 4 tied layers, FastV past its layer 2, prefill and oracle timed only."""
+    out = tmp_path / "speed.json"
+    status = main(["bench", "speed", "--shape", "tiny-llava", "--budgets", "400", "--methods", "FastV", "--layers", "4",
+                   "--tied-layers", "--prefill-only", "--repeats", "1", "--json", str(out),
+                   "--plot", str(tmp_path / "speed.png")])
+    assert status == 0
+    assert "4 decoder (sharing one layer's weights)" in capsys.readouterr().out
+    full, fastv = json.loads(out.read_text())
+    assert full["decoder_layers"] == 4 and fastv["method"] == "FastV" and abs(fastv["mean_tokens_per_layer"] - 400) < 1
+    assert fastv["oracle_prefill_s"] > 0 and fastv["decode_s_per_token"] is None and fastv["end_to_end_s"] is None

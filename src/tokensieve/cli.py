@@ -76,6 +76,11 @@ def _add_bench(commands) -> None:
     speed.add_argument("--budgets", type=arg.positive_int, nargs="+", default=[192, 128, 64])
     speed.add_argument("--methods", nargs="+", default=list(METHOD_NAMES), help="(default: every available one)")
     speed.add_argument("--layers", type=arg.positive_int, default=4, help="decoder layers built (default: %(default)s)")
+    speed.add_argument("--tied-layers", action="store_true",
+                       help="every decoder layer shares the first one's weights: the compute of --layers layers in the "
+                       "memory of one (a 32-layer 7B shape on a CPU without 26 GB to spare)")
+    speed.add_argument("--prefill-only", action="store_true",
+                       help="time the prefill and its oracle only (no decoding, no generate)")
     speed.add_argument("--vision-layers", type=arg.positive_int, default=2, help="vision layers built (default: %(default)s)")
     speed.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     speed.add_argument("--device", type=arg.device, default="cuda" if _cuda() else "cpu",
@@ -142,9 +147,11 @@ def _run_bench_speed(args: argparse.Namespace) -> int:
 
     records, skipped = run_speed(args.shape, tuple(args.budgets), tuple(args.methods), args.layers, args.vision_layers,
                         args.dtype, args.device, args.repeats, args.new_tokens, decode_steps=2, attn=args.attn,
-                        resolution=args.resolution)
+                        resolution=args.resolution, tied_layers=args.tied_layers,
+                        prefill_only=args.prefill_only)
     print(markdown_table(records))
-    print(f"\n{args.shape}, {args.layers} decoder + {args.vision_layers} vision layers, {args.dtype}, {args.device}; "
+    tied = " (sharing one layer's weights)" if args.tied_layers else ""
+    print(f"\n{args.shape}, {args.layers} decoder{tied} + {args.vision_layers} vision layers, {args.dtype}, {args.device}; "
           "overhead = prefill / oracle prefill (the same schedule, selection given for free); "
           "ideal = full FLOPs / method FLOPs without selection")
     for note in skipped:

@@ -205,9 +205,10 @@ def build_qwen25(shape: Shape, layers: int, vision_layers: int, resolution: int 
 
 
 def build(name: str, layers: int | None, vision_layers: int | None, dtype: torch.dtype, attn: str = "sdpa",
-          resolution: int = 448, seed: int = 0, device: str = "cpu") -> tuple[Shape, Built]:
+          resolution: int = 448, seed: int = 0, device: str = "cpu", tied_layers: bool = False) -> tuple[Shape, Built]:
     """A preset model with random weights (seeded), in eval mode, in `dtype`, its weights made on `device`
-    (the inputs stay on the CPU)."""
+    (the inputs stay on the CPU). `tied_layers`: every decoder layer shares the first one's weights (see
+    `tie_decoder_layers`)."""
     if name not in SHAPES:
         raise ValueError(f"unknown shape {name!r}; choose one of {', '.join(SHAPES)}")
     shape = SHAPES[name]
@@ -218,13 +219,42 @@ def build(name: str, layers: int | None, vision_layers: int | None, dtype: torch
     torch.manual_seed(seed)
     builder = {"llava-1.5-7b": build_llava, "tiny-llava": build_llava, "llava-next-7b": build_llava_next,
                "video-llava-7b": build_video_llava}.get(name)
-    built = (builder(shape, layers, vision_layers, device) if builder
-             else build_qwen25(shape, layers, vision_layers, resolution, device))
+    made = 1 if tied_layers else layers
+    built = (builder(shape, made, vision_layers, device) if builder
+             else build_qwen25(shape, made, vision_layers, resolution, device))
     built.model = built.model.to(dtype).eval()
+    if tied_layers:
+        tie_decoder_layers(built.model, layers)
     built.model.set_attn_implementation(attn)
     for key in [k for k in built.inputs if k.startswith("pixel_values")]:
         built.inputs[key] = built.inputs[key].to(dtype)
     return shape, built
+
+
+def tie_decoder_layers(model: torch.nn.Module, layers: int) -> None:
+    """Deepen a one-layer language model to `layers` decoder layers that all share layer 0's weights.
+
+    Each added layer is a module of its own (its own index, so its own KV-cache slot) whose parameters
+    are layer 0's tensors: the compute of `layers` layers in the memory of one. A layer's weights (about
+    800 MB for a 7B shape in float32) are far larger than any CPU cache, so each layer reads them from
+    memory as distinct weights would; the time per layer is the same, and the weights are random in
+    either case.
+    """
+    from ..models import family_for
+
+    text = model.config.get_text_config()
+    stack = family_for(model).parts(model).layers
+    if getattr(text, "layer_types", None) is not None:
+        text.layer_types = [text.layer_types[0]] * layers
+    text.num_hidden_layers = layers
+    first = stack[0]
+    for index in range(1, layers):
+        with torch.device("meta"):
+            layer = type(first)(text, index)
+        for name, parameter in first.named_parameters():
+            owner, _, leaf = name.rpartition(".")
+            setattr(layer.get_submodule(owner), leaf, parameter)
+        stack.append(layer)
 
 
 def full_prefill_flops(shape: Shape, built: Built, layers: int) -> int:

@@ -41,8 +41,8 @@ class Record:
     decoder_layers: int
     prefill_s: float
     oracle_prefill_s: float | None
-    decode_s_per_token: float
-    end_to_end_s: float
+    decode_s_per_token: float | None  # None: --prefill-only
+    end_to_end_s: float | None
     new_tokens: int
     peak_memory_bytes: int | None
     kv_cache_bytes: int
@@ -71,8 +71,7 @@ def seconds(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Median seconds of `repeats` calls after one warm-up."""
-    fn()
+    """Median seconds of `repeats` calls (warm up first)."""
     return statistics.median(seconds(fn, device) for _ in range(repeats))
 
 
@@ -184,9 +183,11 @@ def measure(model, inputs: dict, method, label: str, budget, context: dict) -> R
     try:
         prefilled = prefill(model, inputs)  # warms up; the prefill is timed below
         cache_bytes = kv_bytes(prefilled.past_key_values)
-        memory = peak_memory(lambda: prefill(model, inputs), device)
-        decode = decode_per_token(model, prefilled, context["decode_steps"], device)
-        e2e = end_to_end(model, inputs, context["new_tokens"], device)
+        memory = decode = e2e = None
+        if not context["prefill_only"]:
+            memory = peak_memory(lambda: prefill(model, inputs), device)
+            decode = decode_per_token(model, prefilled, context["decode_steps"], device)
+            e2e = end_to_end(model, inputs, context["new_tokens"], device)
         stats = handle.stats if handle is not None else None
     finally:
         if handle is not None:
@@ -210,17 +211,21 @@ def measure(model, inputs: dict, method, label: str, budget, context: dict) -> R
 def run_speed(shape_name: str = "llava-1.5-7b", budgets=(192, 128, 64), methods=("ApET", "ALVTS"), layers: int = 2,
               vision_layers: int | None = 2, dtype: str = "float32", device: str = "cpu", repeats: int = 3,
               new_tokens: int = 8, decode_steps: int = 4, attn: str = "sdpa", resolution: int = 448,
-              progress: bool = True) -> tuple[list[Record], list[str]]:
+              progress: bool = True, tied_layers: bool = False,
+              prefill_only: bool = False) -> tuple[list[Record], list[str]]:
     """Every method at every budget on one preset shape; the first record is the full model.
+    `prefill_only` skips decoding and `generate` (their fields are None), for deep builds on a CPU.
 
     Returns the records and a note for each method/budget that cannot run on this shape (skipped)."""
     methods = tuple(registry.entry(m).name for m in methods)  # ValueError naming the known ones
     torch_dtype = getattr(torch, dtype)
-    shape, built = build(shape_name, layers, vision_layers, torch_dtype, attn, resolution, device=device)
+    shape, built = build(shape_name, layers, vision_layers, torch_dtype, attn, resolution, device=device,
+                         tied_layers=tied_layers)
     target = torch.device(device)
     built.model.to(target)
     inputs = {k: v.to(target) for k, v in built.inputs.items()}
     context = dict(device=target, repeats=repeats, decode_steps=decode_steps, new_tokens=new_tokens, shape=shape_name,
+                   prefill_only=prefill_only,
                    dtype=dtype, layers=layers, visual_tokens=built.visual_tokens, vision_flops=built.vision_flops,
                    full_flops=full_prefill_flops(shape, built, layers))
     selectors = shared_selectors(built.model) if "ALVTS" in methods else None
@@ -248,11 +253,15 @@ def markdown_table(records: list[Record]) -> str:
         peak = "-" if r.peak_memory_bytes is None else f"{r.peak_memory_bytes / 2**20:.0f}"
         lines.append(
             f"| {r.method} | {r.budget or '-'} | {r.mean_tokens_per_layer:.1f} | {1000 * r.prefill_s:.1f} | {oracle} "
-            f"| {overhead} | {r.speedup:.2f} | {r.ideal_speedup:.2f} | {1000 * r.decode_s_per_token:.1f} "
-            f"| {1000 * r.end_to_end_s:.0f} | {r.kv_cache_bytes / 2**20:.1f} | {peak} | {r.prefill_flops / 1e12:.3f} "
+            f"| {overhead} | {r.speedup:.2f} | {r.ideal_speedup:.2f} | {milliseconds(r.decode_s_per_token, 1)} "
+            f"| {milliseconds(r.end_to_end_s, 0)} | {r.kv_cache_bytes / 2**20:.1f} | {peak} | {r.prefill_flops / 1e12:.3f} "
             f"| {r.selection_flops / 1e9:.2f} |"
         )
     return "\n".join(lines)
+
+
+def milliseconds(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{1000 * value:.{digits}f}"
 
 
 def plot(records: list[Record], path: str | Path) -> Path:
