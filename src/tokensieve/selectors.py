@@ -294,12 +294,18 @@ def svd_selectors(model_type: str, layers: torch.nn.ModuleList, rank: int, start
     """Selectors initialised by truncated SVD of every layer's W_Q and W_K from start_layer on.
 
     Each projection's rank is clipped to its own full rank (K is narrower under grouped-query attention).
+    Layers that share their projections (the speed benchmark's tied layers) share one decomposition.
     """
     if rank < 1:
         raise ValueError(f"rank must be at least 1, got {rank}")
     check_weights_loaded(layers)
     selected: list[LayerSelector | None] = [None] * len(layers)
+    decomposed: dict[tuple[int, int], LayerSelector] = {}
     for i in range(start_layer, len(layers)):
         attn = layers[i].self_attn
-        selected[i] = LayerSelector(LowRank.from_svd(attn.q_proj.weight, rank), LowRank.from_svd(attn.k_proj.weight, rank))
+        weights = (id(attn.q_proj.weight), id(attn.k_proj.weight))
+        if weights not in decomposed:
+            decomposed[weights] = LayerSelector(LowRank.from_svd(attn.q_proj.weight, rank),
+                                                LowRank.from_svd(attn.k_proj.weight, rank))
+        selected[i] = decomposed[weights]
     return Selectors(selected, model_identity(model_type, layers))
