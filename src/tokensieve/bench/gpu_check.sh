@@ -4,14 +4,15 @@
 #   2. runs the FlashAttention contract of every method x family cell on CUDA in bfloat16 with the real kernel
 #      (tests/gpu_flash_check.py);
 #   3. runs `tokensieve bench speed` on the LLaVA-1.5-7B (32 decoder layers, the whole CLIP tower) and
-#      Qwen2.5-VL-7B (all 28 decoder layers, the whole ViT, 672 px) shapes in bfloat16 under that attention.
+#      Qwen2.5-VL-7B (all 28 decoder layers, the whole ViT, 672 px) shapes in bfloat16 under that attention, and
+#      the two video shapes (Video-LLaVA-7B's 8 frames, a Qwen2.5-VL-7B 16-frame clip) at 32 tokens per frame.
 # Everything lands in one folder: log.txt, contract.xml, speed-<shape>.json / .png / .md.
 #
 #   bash src/tokensieve/bench/gpu_check.sh [OUT_DIR]        # from a checkout; default out/gpu-check-<UTC time>
 #
 # PYTHON: the interpreter, with a CUDA build of torch (default python3); tokensieve and its test needs are
 # installed into it with pip when missing. FLASH_ATTN_WHEEL: a flash-attn wheel file to install instead of
-# asking pip. Meant to take 5 to 8 minutes on one H100 or H200.
+# asking pip. Meant to take 8 to 12 minutes on one H100 or H200.
 set -uo pipefail
 cd "$(dirname "$0")/../../.." || exit 1
 OUT=${1:-out/gpu-check-$(date -u +%Y%m%d-%H%M)}
@@ -75,6 +76,8 @@ bench() {  # shape, decoder layers, vision layers, extra arguments
 }
 bench llava-1.5-7b 32 24
 bench qwen2.5-vl-7b 28 32 --resolution 672
+bench video-llava-7b 32 24 --budgets 32   # 87.5% compression of each frame (a later --budgets wins)
+bench qwen2.5-vl-7b-video 28 32 --budgets 32
 
 step "done"
 ls -l "$OUT"
