@@ -110,7 +110,7 @@ def reference(path: Path, model_type: str, method: str, docs: list[dict]) -> tup
 
 
 CASES = [("qwen2_5_vl", "image"), ("qwen2_5_vl", "video"), ("qwen3_vl", "video"), ("video_llava", "video"),
-         ("llava_next_video", "video")]
+         ("llava_next_video", "video"), ("llava_onevision", "video")]
 
 
 @pytest.mark.parametrize("method", ["none", "apet"])
@@ -150,16 +150,19 @@ def test_qwen_video_patches_equal_the_image_processors_for_a_still_clip(checkpoi
     torch.testing.assert_close(video["pixel_values_videos"], image["pixel_values"], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("model_type", ["video_llava", "llava_next_video"])
-def test_llava_video_frames_equal_the_image_processors(checkpoint, model_type):
-    """Each frame of a LLaVA-family video is the image processor's output for that frame (same settings)."""
+@pytest.mark.parametrize("model_type, size, crop", [("video_llava", {"shortest_edge": 24}, True),
+                                                    ("llava_next_video", {"shortest_edge": 48}, True),
+                                                    ("llava_onevision", {"height": 48, "width": 48}, False)])
+def test_llava_video_frames_equal_the_image_processors(checkpoint, model_type, size, crop):
+    """Each frame of a LLaVA-family video is transformers' PIL image processor's output for that frame with
+    the checkpoint's video settings."""
+    from transformers import CLIPImageProcessorPil
+
     processor = load_processor(str(checkpoint(model_type)), model_type, {})
     clip = np.random.default_rng(2).integers(0, 256, (3, 48, 64, 3), dtype=np.uint8)
     frames = processor.video_processor([clip], return_tensors="pt")["pixel_values_videos"][0]
-    side = 24 if model_type == "video_llava" else 48
-    from transformers import CLIPImageProcessorPil
-
-    as_images = CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    side = size.get("shortest_edge", 48)
+    as_images = CLIPImageProcessorPil(size=size, do_center_crop=crop, crop_size={"height": side, "width": side})
     expected = as_images([PIL.Image.fromarray(f) for f in clip], return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(frames, expected, atol=1e-5, rtol=0)
 

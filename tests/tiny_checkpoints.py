@@ -13,15 +13,17 @@ from pathlib import Path
 
 import av
 import numpy as np
-from transformers import AutoTokenizer, LlavaNextImageProcessorPil, VideoLlavaImageProcessor
+from transformers import (AutoTokenizer, LlavaNextImageProcessorPil, LlavaOnevisionImageProcessorPil,
+                          VideoLlavaImageProcessor)
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from tiny_llava_next import CROP, PATCH, PINPOINTS
+from tiny_llava_next import CROP, PATCH, PINPOINTS, tiny_anyres
 from tiny_qwen import MERGE, TEMPORAL_PATCH, tiny_qwen
 from tiny_qwen import PATCH as QWEN_PATCH
 from tiny_video import VIEW, tiny_llava_next_video, tiny_video_llava
 from tokensieve.smallvlm import CHECKPOINT
 
+ONEVISION_SEED = 2  # a seed whose tiny OneVision model answers in words, not only special tokens
 QWEN_TOKENS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 # Qwen's prompt layout (system, user turns with image and video entries, the assistant's turn) in a template of
 # our own: the real checkpoints ship theirs.
@@ -74,17 +76,27 @@ def qwen_checkpoint(model_type: str, folder: Path) -> Path:
 
 
 def llava_video_checkpoint(model_type: str, folder: Path) -> Path:
-    """Video-LLaVA (24-pixel views) or LLaVA-NeXT-Video (48-pixel crops), with the small VLM's chat template."""
+    """Video-LLaVA (24-pixel views), LLaVA-NeXT-Video or LLaVA-OneVision (48-pixel crops), with the small VLM's
+    chat template."""
     tokenizer = tokenizer_with(["<video>"])
+    crop = {"height": CROP, "width": CROP}
     if model_type == "video_llava":
-        model, side, patch = tiny_video_llava(), VIEW, 4
-        image_processor = VideoLlavaImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+        model, patch = tiny_video_llava(), 4
+        image_processor = VideoLlavaImageProcessor(size={"shortest_edge": VIEW}, crop_size={"height": VIEW, "width": VIEW})
+        video = {"size": {"shortest_edge": VIEW}, "crop_size": {"height": VIEW, "width": VIEW}}
+    elif model_type == "llava_next_video":
+        model, patch = tiny_llava_next_video(), PATCH
+        image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": CROP}, image_grid_pinpoints=PINPOINTS,
+                                                     crop_size=crop)
+        video = {"size": {"shortest_edge": CROP}, "crop_size": crop}
     else:
-        model, side, patch = tiny_llava_next_video(), CROP, PATCH
-        image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": side}, image_grid_pinpoints=PINPOINTS,
-                                                     crop_size={"height": side, "width": side})
-    video = {"size": {"shortest_edge": side}, "crop_size": {"height": side, "width": side}}
-    arguments = {"patch_size": patch, "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1}
+        model = tiny_anyres("llava_onevision", seed=ONEVISION_SEED)
+        image_processor = LlavaOnevisionImageProcessorPil(size=crop, image_grid_pinpoints=PINPOINTS)
+        video = {"size": crop}
+        arguments = {"num_image_tokens": (CROP // PATCH) ** 2, "vision_feature_select_strategy": "full",
+                     "vision_aspect_ratio": "anyres_max_2"}
+    if model_type != "llava_onevision":
+        arguments = {"patch_size": patch, "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1}
     return save(model, tokenizer, folder, image_processor, video, arguments,
                 {"image_token_index": "<image>", "video_token_index": "<video>"})
 

@@ -83,8 +83,8 @@ class Recorder:
 
     @contextmanager
     def watching(self, model, handle=None):
-        """Counts every prefill whose input_ids hold image or video placeholders
-        until the block ends; the hook lives on this model instance and is removed on the way out."""
+        """Counts every prefill whose input_ids hold image or video placeholders until the block ends; the
+        hook lives on this model instance and is removed on the way out."""
         def after_forward(module, args, kwargs, output):
             input_ids = kwargs.get("input_ids")
             if input_ids is None or continues(kwargs) or not placeholder_mask(module.config, input_ids).any():

@@ -17,7 +17,7 @@ from ...smallvlm.calibrate import SELECTORS
 
 UNCOMPRESSED = "none"
 # The LLaVA families are prompted the way lmms-eval's `llava_hf` prompts, the Qwen-VL families the way its
-# Qwen wrappers do (model.py), so `method=none` reproduces those wrappers' prompts.
+# Qwen wrappers do (prompts.py), so `method=none` reproduces those wrappers' prompts.
 LLAVA_MODEL_TYPES = ("llava", "llava_next", "llava_onevision", "video_llava", "llava_next_video")
 QWEN_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 MODEL_TYPES = LLAVA_MODEL_TYPES + QWEN_MODEL_TYPES
@@ -61,8 +61,9 @@ def resolve(pretrained: str, method: str, method_fields: dict[str, Any]) -> Sett
 
 
 def image_options(model_type: str, max_frames_num, min_pixels, max_pixels) -> dict:
-    """The image processor's pixel limits ({} unless given); ValueError for a frame count or limit that is not
-    a positive integer, limits on a model type that has none, or min_pixels above max_pixels."""
+    """The image processor's pixel limits ({} unless given), the frame count checked too; ValueError for a
+    frame count or limit that is not a positive integer, limits on a model type that has none, or
+    min_pixels above max_pixels."""
     for name, value in (("max_frames_num", max_frames_num), ("min_pixels", min_pixels), ("max_pixels", max_pixels)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
