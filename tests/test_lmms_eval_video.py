@@ -52,7 +52,8 @@ def videos(folder):
 @pytest.fixture(scope="module")
 def images():
     rng = np.random.default_rng(0)
-    return [PIL.Image.fromarray(rng.integers(0, 256, size, dtype=np.uint8)) for size in ((40, 30, 3), (24, 24, 3), (20, 44, 3))]
+    sizes = ((40, 30, 3), (24, 24, 3), (20, 44, 3))
+    return [PIL.Image.fromarray(rng.integers(0, 256, size, dtype=np.uint8)) for size in sizes]
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +112,8 @@ def reference(path: Path, model_type: str, method: str, docs: list[dict]) -> tup
     return answers, tokens
 
 
-CASES = [("qwen2_5_vl", "image"), ("qwen2_vl", "video"), ("qwen2_5_vl", "video"), ("qwen3_vl", "video"), ("video_llava", "video"),
-         ("llava_next_video", "video"), ("llava_onevision", "video")]
+CASES = [("qwen2_5_vl", "image"), ("qwen2_vl", "video"), ("qwen2_5_vl", "video"), ("qwen3_vl", "video"),
+         ("video_llava", "video"), ("llava_next_video", "video"), ("llava_onevision", "video")]
 
 
 @pytest.mark.parametrize("method", ["none", "apet"])

@@ -137,8 +137,7 @@ class LlavaFrames(VideoSettings):
         if "shortest_edge" in size:
             width, height = image.size
             short = size["shortest_edge"]
-            scale = short / min(width, height)
-            target = (short, int(height * scale)) if width <= height else (int(width * scale), short)
+            target = (short, int(short * height / width)) if width <= height else (int(short * width / height), short)
         else:
             target = (size["width"], size["height"])
         return image.resize(target, self.resample)
@@ -187,7 +186,8 @@ class QwenFrames(VideoSettings):
         h, w = round(height / factor) * factor, round(width / factor) * factor
         if depth * h * w > high:
             beta = math.sqrt(area / high)
-            h, w = max(factor, math.floor(height / beta / factor) * factor), max(factor, math.floor(width / beta / factor) * factor)
+            h = max(factor, math.floor(height / beta / factor) * factor)
+            w = max(factor, math.floor(width / beta / factor) * factor)
         elif depth * h * w < low:
             beta = math.sqrt(low / area)
             h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor

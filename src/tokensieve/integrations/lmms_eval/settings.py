@@ -69,8 +69,8 @@ def image_options(model_type: str, max_frames_num, min_pixels, max_pixels) -> di
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     limits = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
     if limits and model_type not in QWEN_MODEL_TYPES:
-        raise ValueError(f"{', '.join(limits)} set the image resolution of Qwen-VL checkpoints ({', '.join(QWEN_MODEL_TYPES)}); "
-                         f"this checkpoint is {model_type}: leave them out")
+        raise ValueError(f"{', '.join(limits)} set the image resolution of Qwen-VL checkpoints "
+                         f"({', '.join(QWEN_MODEL_TYPES)}); this checkpoint is {model_type}: leave them out")
     if len(limits) == 2 and min_pixels > max_pixels:
         raise ValueError(f"min_pixels={min_pixels} is above max_pixels={max_pixels}")
     return limits
