@@ -160,6 +160,19 @@ def test_qwen_video_patches_equal_the_image_processors_for_a_still_clip(checkpoi
     torch.testing.assert_close(video["pixel_values_videos"], image["pixel_values"], atol=1e-5, rtol=0)
 
 
+def test_qwen_video_limits_as_transformers_reads_a_hub_checkpoint(tmp_path):
+    """A Qwen2.5-VL checkpoint with only preprocessor_config.json (as on the hub): its min_pixels and max_pixels
+    set the video frames' limits too, as Qwen2-VL's video processor reads them."""
+    from tokensieve.integrations.lmms_eval.processors import video_settings
+
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"min_pixels": 3136, "max_pixels": 12845056,
+                                                                   "patch_size": 14, "merge_size": 2}))
+    settings = video_settings(str(tmp_path), "qwen2_5_vl", {})
+    assert settings["size"] == {"shortest_edge": 3136, "longest_edge": 12845056}
+    assert video_settings(str(tmp_path / "none"), "qwen2_5_vl", {})["size"] == {"shortest_edge": 128 * 28 * 28,
+                                                                                 "longest_edge": 28 * 28 * 768}
+
+
 @pytest.mark.parametrize("model_type, size, crop", [("video_llava", {"shortest_edge": 24}, True),
                                                     ("llava_next_video", {"shortest_edge": 48}, True),
                                                     ("llava_onevision", {"height": 48, "width": 48}, False)])

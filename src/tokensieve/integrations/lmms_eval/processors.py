@@ -61,14 +61,24 @@ def load_processor(pretrained: str, model_type: str, image_options: dict):
     tokenizer = AutoTokenizer.from_pretrained(pretrained)
     image_processor = AutoImageProcessor.from_pretrained(pretrained, processor_config=saved.get("image_processor"),
                                                          backend="pil", **image_options)
-    video_settings = {**SHARED_DEFAULTS, **VIDEO_DEFAULTS[model_type], **saved_video_settings(pretrained, saved)}
-    frames = QwenFrames(model_type, video_settings) if model_type in QWEN else LlavaFrames(video_settings)
+    settings = video_settings(pretrained, model_type, saved)
+    frames = QwenFrames(model_type, settings) if model_type in QWEN else LlavaFrames(settings)
     accepted = inspect.signature(processor_class.__init__).parameters
     arguments = {k: v for k, v in saved.items() if k in accepted and k not in SUB_PROCESSORS}
     return without_torchvision(processor_class)(image_processor=image_processor, tokenizer=tokenizer,
                                                 video_processor=frames,
                                                 chat_template=saved.get("chat_template") or tokenizer.chat_template,
                                                 **arguments)
+
+
+def video_settings(pretrained: str, model_type: str, saved: dict) -> dict:
+    """The video processor's settings: transformers' defaults, then the checkpoint's. As Qwen2/2.5-VL's
+    video processor does, min_pixels and max_pixels, when given, set the size limits."""
+    settings = {**SHARED_DEFAULTS, **VIDEO_DEFAULTS[model_type], **saved_video_settings(pretrained, saved)}
+    if model_type in ("qwen2_vl", "qwen2_5_vl"):
+        limits = {"shortest_edge": settings.pop("min_pixels", None), "longest_edge": settings.pop("max_pixels", None)}
+        settings["size"] = {**settings["size"], **{k: v for k, v in limits.items() if v is not None}}
+    return settings
 
 
 def saved_video_settings(pretrained: str, saved: dict) -> dict:
