@@ -136,11 +136,11 @@ def test_unknown_method_lists_the_registry_before_weights(config_only):
 
 
 def test_unsupported_model_type_lists_the_supported_ones(tmp_path):
-    folder = tmp_path / "qwen"
+    folder = tmp_path / "paligemma"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
-    with pytest.raises(ValueError, match="model_type 'qwen2_5_vl'.*supported model_types: llava, llava_next, "
-                                         "llava_onevision"):
+    (folder / "config.json").write_text(json.dumps({"model_type": "paligemma"}))
+    with pytest.raises(ValueError, match="model_type 'paligemma'.*supported model_types: llava, llava_next, "
+                                         "llava_onevision, video_llava, llava_next_video, qwen2_vl, qwen2_5_vl, qwen3_vl"):
         S.resolve(str(folder), "apet", {"budget": 64})
     (folder / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ValueError, match="model_type 'bert'.*supported model_types"):

@@ -33,6 +33,8 @@ def add_eval_command(commands) -> None:
     run.add_argument("--batch-size", type=arg.positive_int, default=1, help="prompts per generate (default: 1)")
     run.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     run.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
+    run.add_argument("--max-frames", type=arg.positive_int, default=None,
+                     help="frames sampled from each video of a video task (model argument max_frames_num; default 8)")
     run.add_argument("--include-path", nargs="+", default=[], help="more task folders for lmms-eval")
     run.add_argument("--out", type=folder_to_write, default="out/eval", help="runs' folders (default: %(default)s)")
     run.add_argument("--json", type=arg.creatable_file, default=None, help="records (default: OUT/eval.json)")
@@ -61,8 +63,11 @@ def check_command(args: argparse.Namespace) -> None:
     check_torchvision()
     from .evaluate import parse_method_args, plan_runs
 
-    args.runs = plan_runs(args.model, args.methods, args.budgets, parse_method_args(args.method_args),
-                          {"dtype": args.dtype, "attn_implementation": args.attn}, Path(args.out), args.ratios)
+    common = {"dtype": args.dtype, "attn_implementation": args.attn}
+    if args.max_frames is not None:
+        common["max_frames_num"] = str(args.max_frames)
+    args.runs = plan_runs(args.model, args.methods, args.budgets, parse_method_args(args.method_args), common,
+                          Path(args.out), args.ratios)
 
 
 def check_torchvision() -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ...flops import Widths, decoder_layer_flops
+from ...runtime.compat import cache_in
 
 PLACEHOLDERS = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
 
@@ -65,6 +66,14 @@ def compressed_totals(stats) -> Totals:
                   float(stats.decoder_flops + stats.selection_flops))
 
 
+def continues(kwargs: dict) -> bool:
+    """Whether a forward that has run was a decoding step: its cache now holds more rows than it was given
+    (a prefill leaves at most its own rows there). A generated token can be a placeholder token, so
+    placeholders alone do not make a prefill."""
+    cache = cache_in(kwargs)
+    return cache is not None and cache.get_seq_length() > kwargs["input_ids"].shape[1]
+
+
 class Recorder:
     """Per-task totals of the prefills the model runs while `watching(model, handle)` is open."""
 
@@ -74,11 +83,11 @@ class Recorder:
 
     @contextmanager
     def watching(self, model, handle=None):
-        """Counts every forward whose input_ids hold image placeholders (a prefill with images) until the
-        block ends; the hook lives on this model instance and is removed on the way out."""
+        """Counts every prefill whose input_ids hold image or video placeholders until the block ends; the
+        hook lives on this model instance and is removed on the way out."""
         def after_forward(module, args, kwargs, output):
             input_ids = kwargs.get("input_ids")
-            if input_ids is None or not placeholder_mask(module.config, input_ids).any():
+            if input_ids is None or continues(kwargs) or not placeholder_mask(module.config, input_ids).any():
                 return
             totals = (compressed_totals(handle.stats) if handle is not None
                       else uncompressed_totals(module, kwargs["input_ids"], kwargs.get("attention_mask")))

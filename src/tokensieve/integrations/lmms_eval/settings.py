@@ -16,9 +16,13 @@ from ... import registry
 from ...smallvlm.calibrate import SELECTORS
 
 UNCOMPRESSED = "none"
-# The families whose prompts this model builds the way lmms-eval's `llava_hf` does, so `method=none`
-# reproduces that wrapper's numbers. The Qwen-VL families need their own prompt path, not written yet.
-MODEL_TYPES = ("llava", "llava_next", "llava_onevision")
+# The LLaVA families are prompted the way lmms-eval's `llava_hf` prompts, the Qwen-VL families the way its
+# Qwen wrappers do (prompts.py), so `method=none` reproduces those wrappers' prompts.
+LLAVA_MODEL_TYPES = ("llava", "llava_next", "llava_onevision", "video_llava", "llava_next_video")
+QWEN_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+MODEL_TYPES = LLAVA_MODEL_TYPES + QWEN_MODEL_TYPES
+VIDEO_MODEL_TYPES = ("llava_onevision", "video_llava", "llava_next_video") + QWEN_MODEL_TYPES
+DEFAULT_FRAMES = 8  # Video-LLaVA's frame count
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,22 @@ def resolve(pretrained: str, method: str, method_fields: dict[str, Any]) -> Sett
     return Settings(str(pretrained), model_type, entry.name, instance)
 
 
+def image_options(model_type: str, max_frames_num, min_pixels, max_pixels) -> dict:
+    """The image processor's pixel limits ({} unless given), the frame count checked too; ValueError for a
+    frame count or limit that is not a positive integer, limits on a model type that has none, or
+    min_pixels above max_pixels."""
+    for name, value in (("max_frames_num", max_frames_num), ("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    limits = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+    if limits and model_type not in QWEN_MODEL_TYPES:
+        raise ValueError(f"{', '.join(limits)} set the image resolution of Qwen-VL checkpoints "
+                         f"({', '.join(QWEN_MODEL_TYPES)}); this checkpoint is {model_type}: leave them out")
+    if len(limits) == 2 and min_pixels > max_pixels:
+        raise ValueError(f"min_pixels={min_pixels} is above max_pixels={max_pixels}")
+    return limits
+
+
 def method_entry(name: str) -> registry.MethodEntry:
     try:
         return registry.entry(name)
@@ -79,7 +99,8 @@ def check_field_names(entry: registry.MethodEntry, fields: dict[str, Any]) -> No
     if unknown:
         raise ValueError(f"{entry.name} has no field {', '.join(unknown)}; its fields: {', '.join(known)} "
                          "(the model's own arguments: pretrained, method, dtype, attn_implementation, device_map, "
-                         "device, batch_size, chat_template, stats_file)")
+                         "device, batch_size, chat_template, max_frames_num, min_pixels, max_pixels, system_prompt, "
+                         "stats_file)")
 
 
 def default_selectors(entry: registry.MethodEntry, fields: dict[str, Any], pretrained: str) -> None:
@@ -103,13 +124,9 @@ def checkpoint_model_type(pretrained: str) -> str:
     from transformers import AutoConfig
 
     model_type = AutoConfig.from_pretrained(pretrained).model_type
-    if model_type not in MODEL_TYPES:
-        from ...models import supported_model_types
-
-        note = (" (tokensieve compresses it, but this lmms-eval model builds LLaVA prompts only so far)"
-                if model_type in supported_model_types() else "")
+    if model_type not in MODEL_TYPES:  # every family tokensieve compresses
         raise ValueError(f"model_type {model_type!r} of {pretrained} is not supported by the tokensieve lmms-eval "
-                         f"model{note}; supported model_types: {', '.join(MODEL_TYPES)}")
+                         f"model; supported model_types: {', '.join(MODEL_TYPES)}")
     return model_type
 
 
