@@ -12,11 +12,14 @@ on new scenes, half of its images showing the decoder only part of their visual 
 (`--partial-share`, see `partial_views`):
 
     python -m tokensieve.smallvlm.train_context --out DIR --work WORK --init-from M16 --seed 2 \
-        --new-vision-layers 0 --layers 20 --steps-a 0 --steps-b 900 --lr-b 4e-4 --warmup-b 25 \
-        --kind-weights count=2,color=1,exists=1,quadrant=1,small=1 --partial-share 0.5 --eval-every 15 \
+        --new-vision-layers 0 --layers 20 --steps-a 0 --steps-b 450 --lr-b 4e-4 --warmup-b 25 \
+        --kind-weights count=2,color=1,exists=1,quadrant=1,small=1 --partial-share 0.5 --eval-every 1000 \
         --final-n 500 --threads 1
 
-Its training.json records the three parts (part 3's `grown_from` holds M16's record).
+It ran with `--steps-b 900 --eval-every 15` up to the state saved at step 181, then with `--steps-b
+600` and `--resume` up to the state saved at step 359, then to the end with the command above and
+`--resume` (the schedule shortened twice to fit the time at hand, as in part 1). Its training.json
+records the three parts (part 3's `grown_from` holds M16's record).
 
 It starts from the first small VLM (tokensieve/smallvlm/checkpoint, `--init-from`) and grows it:
 - the vision tower gets `--new-vision-layers` more layers (2: five in all) and the decoder is deepened
