@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -77,3 +78,60 @@ def test_stage_a_resumed_after_an_interruption_equals_an_uninterrupted_run(tmp_p
     torch.testing.assert_close(straight.model.vision_tower.encoder.layers[0].mlp.fc2.weight,
                                first.model.vision_tower.encoder.layers[0].mlp.fc2.weight)  # the first layer is frozen
     assert C.load_state(work)["stage"] == "b"
+
+
+def partial_batch(tok, share: float, seed: int = 3):
+    from tokensieve.smallvlm import train as T
+
+    b = T.qa_batch(tok, [T.item_seed(0, 1, i) for i in range(3)], 3, 576)
+    return T, C.partial_views(b, np.random.default_rng(seed), share, 32, 64)
+
+
+def test_partial_views_hide_tokens_as_if_they_were_removed():
+    """The '?' logits with hidden visual tokens equal the decoder's on the sequence with those tokens
+    taken out (original positions kept, as the runtime keeps them); hidden patches lose their names
+    and the image's questions their evidence target; share 0 changes nothing."""
+    model, tok, _ = M.build_all(TINY, seed=1)
+    _, plain = partial_batch(tok, 0.0)
+    assert (plain["attention_mask"][:, :577] == 1).all() and plain["kept"].tolist() == [576] * 3
+    T, b = partial_batch(tok, 1.0)
+    image = b["attention_mask"][:, 1:577]
+    assert all(32 <= k <= 64 for k in b["kept"].tolist()) and (image.sum(1) == b["kept"]).all()
+    assert (b["patch_words"][image == 0] == -1).all() and (b["evidence"] == 0).all()
+    lm = model.model.language_model
+    seen = {}
+    grab = lm.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                           pixel_values=b["pixel_values"]).logits
+    finally:
+        grab.remove()
+    for row in range(3):
+        visible = torch.nonzero(b["attention_mask"][row]).flatten()
+        with torch.no_grad():
+            hidden = lm(inputs_embeds=seen["inputs_embeds"][row:row + 1, visible], position_ids=visible[None]).last_hidden_state
+            want = model.lm_head(hidden)[0]
+        for r, p in b["answer_pos"].tolist():
+            if r == row:
+                where = int(torch.searchsorted(visible, p))
+                torch.testing.assert_close(logits[row, p], want[where], rtol=1e-4, atol=1e-4)
+
+
+def test_attention_loss_skips_hidden_tokens_like_eager_attention():
+    """The words term on partial views against head 0's eager attention probabilities under the same mask."""
+    model, tok, _ = M.build_all(TINY, seed=1)
+    model.set_attn_implementation("eager")
+    T, b = partial_batch(tok, 1.0)
+    watch = T.LayerInputs(model.model.language_model.layers, (1,))
+    try:
+        with torch.no_grad():
+            out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                        pixel_values=b["pixel_values"], output_attentions=True)
+            got = T.attention_loss(model, watch.seen, (1,), b["answer_pos"], b["words"], b["attention_mask"])
+    finally:
+        watch.remove()
+    probs = out.attentions[1][b["answer_pos"][:, 0], 0, b["answer_pos"][:, 1]]  # (N, T)
+    assert (probs[b["attention_mask"][b["answer_pos"][:, 0]] == 0] == 0).all()
+    want = -(b["words"] * probs.clamp_min(1e-30).log()).sum(1).mean()
+    assert torch.allclose(got, want, rtol=1e-4), (got, want)

@@ -212,6 +212,8 @@ def patch_word_loss(logits: torch.Tensor, patch_words: torch.Tensor) -> torch.Te
     """Each object patch's output (logits (B, 576, V) at the visual positions) names its colour, shape and
     quadrant: cross-entropy with a target spread evenly over the three words, mean over object patches."""
     obj = patch_words[..., 0] >= 0
+    if not obj.any():  # no object patch in view
+        return logits.sum() * 0.0
     logp = logits[obj].float().log_softmax(-1)  # (P, V)
     return -logp.gather(1, patch_words[obj]).mean()
 
@@ -243,10 +245,12 @@ class LayerInputs:
             h.remove()
 
 
-def attention_loss(model, seen: dict, layers, answer_pos: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def attention_loss(model, seen: dict, layers, answer_pos: torch.Tensor, target: torch.Tensor,
+                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy between head 0's attention from each '?' and a target, mean over the given layers.
 
-    answer_pos (N, 2) (row, position); target (N, T), zero beyond each question's position.
+    answer_pos (N, 2) (row, position); target (N, T), zero beyond each question's position and on
+    the positions attention_mask (B, T) hides (0: padding, or visual tokens the decoder does not see).
     """
     rows, positions = answer_pos[:, 0], answer_pos[:, 1]
     total = 0.0
@@ -254,8 +258,10 @@ def attention_loss(model, seen: dict, layers, answer_pos: torch.Tensor, target: 
         hidden, rotary = seen[i]
         q, k = queries_keys(model.model.language_model.layers[i], hidden, rotary)  # (B, H, T, d)
         logits = torch.einsum("nd,ntd->nt", q[rows, 0, positions], k[rows, 0]) * q.shape[-1] ** -0.5
-        future = torch.arange(logits.shape[1])[None, :] > positions[:, None]
-        logp = logits.masked_fill(future, float("-inf")).log_softmax(-1).masked_fill(future, 0.0)
+        unseen = torch.arange(logits.shape[1])[None, :] > positions[:, None]
+        if attention_mask is not None:
+            unseen = unseen | (attention_mask[rows] == 0)
+        logp = logits.masked_fill(unseen, float("-inf")).log_softmax(-1).masked_fill(unseen, 0.0)
         total = total + -(target * logp).sum(-1).mean()
     return total / len(layers)
 
@@ -358,8 +364,8 @@ def question_step(model, logits: torch.Tensor, seen: dict, b: dict, n_image: int
     sel = logits[b["answer_pos"][:, 0], b["answer_pos"][:, 1]].float()
     answer_loss = F.cross_entropy(sel, b["answer_ids"])
     name_loss = patch_word_loss(logits[:, 1:1 + n_image], b["patch_words"])
-    look_loss = attention_loss(model, seen, EVIDENCE_LAYERS, b["answer_pos"], b["evidence"])
-    read_loss = attention_loss(model, seen, QUESTION_LAYERS, b["answer_pos"], b["words"])
+    look_loss = attention_loss(model, seen, EVIDENCE_LAYERS, b["answer_pos"], b["evidence"], b["attention_mask"])
+    read_loss = attention_loss(model, seen, QUESTION_LAYERS, b["answer_pos"], b["words"], b["attention_mask"])
     loss = answer_loss + args.evidence_weight * (look_loss + read_loss) + args.names_weight * name_loss
     opt.zero_grad(set_to_none=True)
     loss.backward()
