@@ -94,6 +94,29 @@ def test_ground_truth_reference_keeps_object_centres_then_object_patches(saved):
         assert float(handle.stats.mean_tokens_per_layer[0]) == pytest.approx(budget)
 
 
+def test_routed_ground_truth_takes_each_images_first_patches_at_every_routed_layer(saved):
+    from tokensieve.methods.alvts import layer_counts
+    from tokensieve.smallvlm.ground_truth import GroundTruthRouted, object_first_order
+
+    samples = S.split_samples("test", 5)
+    model, processor = M.load(str(saved))
+    inputs = processor(images=[s.image for s in samples], text=[M.prompt(s.question) for s in samples],
+                       return_tensors="pt", padding=True)
+    layers, budget = model.config.text_config.num_hidden_layers, 200
+    counts = layer_counts(576, budget, layers, start_layer=1)  # 576 at layer 0, the rest share what is left
+    orders = tuple(object_first_order(s) for s in samples)
+    with ts.compress(model, GroundTruthRouted(budget, orders)) as handle:
+        with torch.no_grad():
+            model(**inputs)
+        for order, record in zip(orders, handle.stats.kept):
+            for layer in range(1, layers):
+                assert set(record[f"layer{layer}"].tolist()) == set(order[:counts[layer]].tolist())
+        assert float(handle.stats.mean_tokens_per_layer[0]) == pytest.approx(budget)
+    with pytest.raises(ValueError, match="fewer images"):
+        with ts.compress(model, GroundTruthRouted(budget, orders[:2])):
+            model(**inputs)
+
+
 def test_unreachable_budgets_fall_back_or_are_skipped_with_the_reason(saved):
     records, skipped = A.run_accuracy(saved, methods=("FastV", "DART"), budgets=(32,), limit=5, progress=False)
     fastv = records[1]

@@ -106,7 +106,9 @@ def _add_bench(commands) -> None:
                           help="small VLM: 'local' (the first shipped model, default), 'context' (the second, whose "
                           "visual tokens carry the scene's context) or a folder")
     accuracy.add_argument("--budgets", type=arg.positive_int, nargs="+", default=[192, 128, 64, 32])
-    accuracy.add_argument("--methods", nargs="+", default=None, help="(default: every available one)")
+    accuracy.add_argument("--methods", nargs="+", default=None,
+                          help="methods and references (default: every method, GroundTruth and GroundTruth2; "
+                          "GroundTruthRouted, the ground truth in ALVTS's routing, only when named)")
     accuracy.add_argument("--limit", type=arg.positive_int, default=None,
                           help="evaluate the first N held-out questions only (default: 1000)")
     accuracy.add_argument("--split", default="test", help="held-out split (default: %(default)s)")

@@ -6,7 +6,8 @@ the held-out exact-match accuracy is compared with the uncompressed model's (ret
 per question kind, beside the mean visual tokens each decoder layer processed and the analytic
 prefill FLOPs of the run. "GroundTruth" is a reference, not a method: it keeps the patches the
 scene generator knows hold objects, which shows how much a selection that knows where every object
-is keeps ("GroundTruth2": the same in ApET's two-stage shape).
+is keeps ("GroundTruth2": the same in ApET's two-stage shape; "GroundTruthRouted", run only when
+named: the same in ALVTS's per-layer routing).
 
     tokensieve bench accuracy [--model local|context|DIR] [--methods ...] [--budgets 192 128 64 32] [--limit N]
 """
@@ -28,12 +29,13 @@ from ..smallvlm import CHECKPOINT, CHECKPOINTS, checkpoint_folder
 from ..smallvlm import model as M
 from ..smallvlm import scenes as S
 from ..smallvlm.calibrate import SELECTORS
-from ..smallvlm.ground_truth import GroundTruthObjects, object_first_order
+from ..smallvlm.ground_truth import GroundTruthObjects, GroundTruthRouted, object_first_order
 from ..viz import agg_figure, save_figure
 from .shapes import vit_flops
 
 METHOD_NAMES = registry.method_names()
 BENCH_NAMES = METHOD_NAMES + ("GroundTruth", "GroundTruth2")  # the methods and the ground-truth references
+NAMED_ONLY = ("GroundTruthRouted",)  # references run only when asked for by name
 BUDGETS = (192, 128, 64, 32)
 
 
@@ -94,10 +96,10 @@ def depth_scaled_layer(num_layers: int) -> int:
 
 def bench_name(name: str) -> str:
     """A method or reference name in any case -> the benchmark's spelling; ValueError naming them all."""
-    for known in BENCH_NAMES:
+    for known in BENCH_NAMES + NAMED_ONLY:
         if known.lower() == str(name).lower():
             return known
-    raise ValueError(f"unknown method {name!r}; choose among {', '.join(BENCH_NAMES)}")
+    raise ValueError(f"unknown method {name!r}; choose among {', '.join(BENCH_NAMES + NAMED_ONLY)}")
 
 
 def candidates(name: str, budget: int, num_layers: int, selectors: Path | None, seed: int,
@@ -106,6 +108,9 @@ def candidates(name: str, budget: int, num_layers: int, selectors: Path | None, 
 
     `orders`: each sample's `object_first_order`, for the ground-truth references."""
     k = depth_scaled_layer(num_layers)
+    if name == "GroundTruthRouted":
+        return [(GroundTruthRouted(budget, orders, start), f"reference: object patches first, ALVTS's routing from layer {start}")
+                for start in (1, 0)]
     if name.startswith("GroundTruth"):
         two_stage = name == "GroundTruth2"
         where = "ApET's two-stage shape" if two_stage else "before layer 0"

@@ -8,7 +8,9 @@ the causal mask lets attend to the token), on the first `limit` held-out questio
 retention against the uncompressed model, the share of the tokens each routed layer kept that lie in
 the first two rows of the 24 x 24 grid (a uniform choice puts 48 / 576 = 8.3% there), the share of
 the question's evidence patches each layer kept, and a picture per layer of how often each patch was
-kept. docs/methods.md, "The ALVTS score".
+kept. Beside them, what the uncompressed model reads: per layer, the share of the answer position's
+attention on the image, on the evidence patches and on the first two rows. docs/methods.md, "The ALVTS
+score".
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ import torch
 
 import tokensieve as ts
 
+from ..smallvlm import checkpoint_folder
+from ..smallvlm import model as M
 from ..smallvlm import scenes as S
 from ..viz import agg_figure, save_figure
 from .accuracy import candidates, load_checkpoint, prepare, run_method
@@ -69,9 +73,42 @@ def evidence_masks(samples: list[S.Sample]) -> np.ndarray:
     return out
 
 
-def measure(model_dir, budget: int = 64, limit: int = 400, batch_size: int = 50) -> tuple[float, list[Reading]]:
-    """The uncompressed accuracy and one Reading per value of ALVTS's v2v_rows, ALVTS set as the accuracy
-    benchmark sets it (start_layer 1, or 0 where a mean of `budget` is out of reach from layer 1)."""
+@dataclass
+class Reads:
+    """Per decoder layer (L,): the share of the answer position's attention (mean over heads and questions)
+    on the image, on the question's evidence patches, and on the first two grid rows."""
+
+    image: np.ndarray
+    evidence: np.ndarray
+    first_rows: np.ndarray
+
+
+@torch.no_grad()
+def answer_attention(model, batches, evidence: np.ndarray) -> Reads:
+    """What the uncompressed model's answer position (the last row) attends to at each layer.
+
+    Args:
+        model: the small VLM with eager attention (the only kernel that returns its weights).
+        batches: prepared batches (left padding: the answer position is the last row of every row).
+        evidence: (Q, 576) bool, each question's evidence patches, in the batches' order.
+    """
+    shares, n = [], 0
+    for batch in batches:
+        attentions = model(**batch.inputs, output_attentions=True).attentions  # L x (B, H, S, S)
+        answer = torch.stack([a[:, :, -1].mean(1) for a in attentions], 1)  # (B, L, S)
+        image = batch.inputs["input_ids"] == model.config.image_token_id  # (B, S), 576 per row
+        on_image = answer[image[:, None, :].expand_as(answer)].view(*answer.shape[:2], -1)  # (B, L, 576)
+        marks = torch.from_numpy(evidence[n:n + len(on_image)])[:, None, :]
+        shares.append(torch.stack([on_image.sum(-1), (on_image * marks).sum(-1), on_image[..., :FIRST_ROWS].sum(-1)], -1))
+        n += len(on_image)
+    mean = torch.cat(shares).mean(0).numpy()  # (L, 3)
+    return Reads(mean[:, 0], mean[:, 1], mean[:, 2])
+
+
+def measure(model_dir, budget: int = 64, limit: int = 400, batch_size: int = 50) -> tuple[float, list[Reading], Reads]:
+    """The uncompressed accuracy, one Reading per value of ALVTS's v2v_rows (ALVTS set as the accuracy
+    benchmark sets it: start_layer 1, or 0 where a mean of `budget` is out of reach from layer 1) and
+    what the uncompressed model's answer position reads."""
     model, processor, selectors = load_checkpoint(model_dir)
     samples = S.split_samples("test", limit)
     batches = prepare(processor, samples, batch_size)
@@ -93,11 +130,16 @@ def measure(model_dir, budget: int = 64, limit: int = 400, batch_size: int = 50)
         has = evidence.any(1)
         hit = (kept[has] & evidence[has, None, :]).sum((0, 2)) / evidence[has].sum()
         readings.append(Reading(rows, setting, float(np.mean(right)), first, hit, kept.sum(0)))
-    return float(np.mean(full)), readings
+    eager, _ = M.load(str(checkpoint_folder(model_dir)), attn_implementation="eager")
+    return float(np.mean(full)), readings, answer_attention(eager, batches, evidence)
 
 
-def report(full: float, readings: list[Reading]) -> str:
-    lines = [f"uncompressed accuracy {100 * full:.1f}%"]
+def report(full: float, readings: list[Reading], reads: Reads) -> str:
+    percent = lambda values: " ".join(f"{100 * x:.0f}" for x in values)  # noqa: E731
+    lines = [f"uncompressed accuracy {100 * full:.1f}%",
+             "uncompressed, per layer, the answer position's attention % on the image: " + percent(reads.image),
+             "  on the evidence patches: " + percent(reads.evidence),
+             "  on the first two grid rows: " + percent(reads.first_rows)]
     for r in readings:
         routed = ~np.isnan(r.first_rows_share)
         lines.append(f"v2v_rows={r.v2v_rows} ({r.setting}): accuracy {100 * r.accuracy:.1f}% (retention {100 * r.accuracy / full:.1f}%); "
@@ -134,8 +176,8 @@ def main(argv=None) -> None:
     p.add_argument("--plot", default="out/alvts_v2v.png")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    full, readings = measure(args.model, args.budget, args.limit)
-    print(report(full, readings))
+    full, readings, reads = measure(args.model, args.budget, args.limit)
+    print(report(full, readings, reads))
     plot(readings, args.plot)
     print(f"wrote {args.plot}")
 

@@ -1,6 +1,6 @@
-"""A ground-truth reference for the accuracy benchmark: keep the patches the scene generator knows
-hold objects. Not a method (it reads the answer's labels); it shows how much accuracy a selection
-that knows where every object is keeps on the small VLM."""
+"""Ground-truth references for the accuracy benchmark: keep the patches the scene generator knows
+hold objects. Not methods (they read the answer's labels); they show how much accuracy a selection
+that knows where every object is keeps on the small VLM, in a method's schedule shape."""
 from __future__ import annotations
 
 from collections import deque
@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from . import scenes as S
-from ..runtime.schedule import DecoderStage, Schedule
+from ..methods.alvts import layer_counts
+from ..runtime.schedule import DecoderStage, Routing, Schedule
 from ..ops.plan import selection_plan
 
 
@@ -74,3 +75,42 @@ class GroundTruthObjects:
         if self.two_stage:
             stages.append(DecoderStage(layer, second_keep, plan_second, name="ground_truth_stage2"))
         return Schedule(num_layers, lambda n: n, stages=tuple(stages))
+
+
+@dataclass(frozen=True, eq=False)
+class GroundTruthRouted:
+    """ALVTS's routing with a perfect score: the same layers process the same number of visual tokens
+    as `ALVTS(budget, start_layer=start_layer)`, but every routed layer takes each image's first
+    patches in `object_first_order` instead of the V2V x T2V top-k. The others skip the layer, as in
+    ALVTS. It separates what ALVTS's schedule shape costs from what its scores cost.
+
+    `orders` as in GroundTruthObjects: one per image, in the order the images reach the model (batch
+    rows in order); each forward takes the next ones at its first routed layer.
+    """
+
+    budget: int
+    orders: tuple[torch.Tensor, ...]
+    start_layer: int = 1
+
+    def schedule(self, num_layers: int, model_type: str = "") -> Schedule:
+        cursor, current = iter(self.orders), []
+
+        def keep(layer: int, n: int) -> int:
+            return layer_counts(n, min(self.budget, n), num_layers, self.start_layer)[layer]
+
+        def score(index, layer, hidden, rotary, item, valid, max_items):
+            """(B, S) float32: n - rank in the image's order on its visual rows, 0 on text rows."""
+            images = [g for g in item.unique().tolist() if g >= 0]  # items are numbered across the batch
+            if index == self.start_layer:
+                current[:] = [next(cursor, None) for _ in images]
+            scores = torch.zeros(item.shape, dtype=torch.float32, device=item.device)
+            for g, order in zip(images, current):
+                at = item == g
+                if order is None or order.numel() != int(at.sum()):
+                    raise ValueError("GroundTruthRouted was given fewer images, or images of another size, than it routes")
+                rank = torch.empty_like(order)
+                rank[order] = torch.arange(order.numel())
+                scores[at] = (order.numel() - rank).float().to(item.device)
+            return scores
+
+        return Schedule(num_layers, lambda n: n, routing=Routing(self.start_layer, keep, score))

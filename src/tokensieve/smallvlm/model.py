@@ -122,9 +122,10 @@ def save(model, processor, out_dir: str, fp16: bool = True) -> None:
     processor.save_pretrained(out_dir)
 
 
-def load(out_dir: str, dtype=torch.float32):
-    """(model in eval mode, processor) from a saved directory, offline."""
-    model = LlavaForConditionalGeneration.from_pretrained(out_dir, dtype=dtype).eval()
+def load(out_dir: str, dtype=torch.float32, attn_implementation: str | None = None):
+    """(model in eval mode, processor) from a saved directory, offline (attention: transformers' default
+    unless given, e.g. "eager" to read attention weights)."""
+    model = LlavaForConditionalGeneration.from_pretrained(out_dir, dtype=dtype, attn_implementation=attn_implementation).eval()
     processor = LlavaProcessor.from_pretrained(out_dir)
     return model, processor
 
