@@ -6,6 +6,7 @@ import runpy
 import sys
 from importlib.metadata import entry_points
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -115,6 +116,24 @@ def test_routed_ground_truth_takes_each_images_first_patches_at_every_routed_lay
     with pytest.raises(ValueError, match="fewer images"):
         with ts.compress(model, GroundTruthRouted(budget, orders[:2])):
             model(**inputs)
+
+
+def test_answer_attention_of_a_padded_batch_equals_each_question_alone(saved):
+    from tokensieve.bench import alvts_v2v as V
+    from tokensieve.bench.accuracy import prepare
+
+    model, processor = M.load(str(saved), attn_implementation="eager")
+    samples = S.split_samples("test", 6)
+    assert len({len(processor.tokenizer(M.prompt(s.question)).input_ids) for s in samples}) > 1  # padding happens
+    evidence = V.evidence_masks(samples)
+    batched = V.answer_attention(model, prepare(processor, samples, 3), evidence)  # two batches
+    alone = [V.answer_attention(model, prepare(processor, [s], 1), evidence[n:n + 1]) for n, s in enumerate(samples)]
+    for field in ("image", "evidence", "first_rows"):
+        expected = np.mean([getattr(r, field) for r in alone], 0)
+        np.testing.assert_allclose(getattr(batched, field), expected, atol=1e-5)
+    assert batched.image.shape == (TINY.t_layers,)
+    assert np.all(batched.evidence <= batched.image + 1e-6) and np.all(batched.image <= 1 + 1e-6)
+    assert np.all(batched.first_rows <= batched.image + 1e-6)
 
 
 def test_unreachable_budgets_fall_back_or_are_skipped_with_the_reason(saved):

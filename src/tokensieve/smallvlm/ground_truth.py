@@ -24,6 +24,13 @@ def object_first_order(sample: S.Sample) -> torch.Tensor:
     return torch.from_numpy(np.lexsort((shuffle, -group)))
 
 
+def ranks(order: torch.Tensor) -> torch.Tensor:
+    """(n,) long: each patch's place in `order` (the inverse permutation)."""
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel())
+    return rank
+
+
 @dataclass(frozen=True, eq=False)
 class GroundTruthObjects:
     """Keep each image's first patches in `object_first_order`, a mean of `budget` per decoder layer.
@@ -66,9 +73,7 @@ class GroundTruthObjects:
             plans = []
             for request in requests:
                 order, kept = kept_first.popleft()
-                rank = torch.empty_like(order)
-                rank[order] = torch.arange(order.numel())
-                plans.append(selection_plan(rank[kept].argsort()[:request.keep].sort().values[None]))
+                plans.append(selection_plan(ranks(order)[kept].argsort()[:request.keep].sort().values[None]))
             return plans
 
         stages = [DecoderStage(0, first_keep, plan_first, name="ground_truth")]
@@ -108,9 +113,7 @@ class GroundTruthRouted:
                 at = item == g
                 if order is None or order.numel() != int(at.sum()):
                     raise ValueError("GroundTruthRouted was given fewer images, or images of another size, than it routes")
-                rank = torch.empty_like(order)
-                rank[order] = torch.arange(order.numel())
-                scores[at] = (order.numel() - rank).float().to(item.device)
+                scores[at] = (order.numel() - ranks(order)).float().to(item.device)
             return scores
 
         return Schedule(num_layers, lambda n: n, routing=Routing(self.start_layer, keep, score))
